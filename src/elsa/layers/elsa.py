@@ -1,0 +1,198 @@
+"""The ELSA attention layer (Hadamard attention + ghost head) and the ELSA transformer block.
+
+Both take and return channels-last maps (B, H, W, C), so they drop into any Swin- or VOLO-style network.
+Parameter names, shapes and initialisation follow the official release (spec section 2), so official
+checkpoints load into them unchanged.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import Tensor
+
+from ..ops import elsa_aggregate, elsa_softmax_aggregate
+
+
+def _qk_dim(dim: int, dim_qk: Optional[int], group_width: int) -> int:
+    """Official rule: two thirds of the input width, rounded up to a whole number of groups."""
+    d = dim_qk or dim // 3 * 2
+    return math.ceil(d / group_width) * group_width
+
+
+class ELSA(nn.Module):
+    """Enhanced local self-attention.
+
+    Args:
+        dim: input (and output) channels C.
+        num_heads: heads G; each head aggregates C // G value channels with its own K x K attention.
+        kernel_size: odd neighbourhood size K.
+        stride, dilation: of the aggregation; the output is (B, H // stride, W // stride, C).
+        group_width: channels per group of the grouped K x K conv that turns the Hadamard product into attention.
+        lam, gamma: ghost-head exponents/scales: filter = m ** lam * attn + d * gamma; 0 disables that ghost.
+        qkv_bias: bias of the 1x1 q/k/v projection.
+        qk_scale: scale of the Hadamard product; None means (dim_v // num_heads) ** -0.5.
+        dim_qk, dim_v: widths of q/k and of v (defaults: official rule, and C).
+        attn_drop, proj_drop: dropout after the softmax and after the output projection.
+        groups: groups of the 1x1 conv producing the K*K*G attention logits.
+        backend: force an ``elsa_aggregate`` backend (None: automatic).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kernel_size: int = 5,
+        stride: int = 1,
+        dilation: int = 1,
+        group_width: int = 8,
+        lam: float = 1.0,
+        gamma: float = 1.0,
+        qkv_bias: bool = False,
+        qk_scale: Optional[float] = None,
+        dim_qk: Optional[int] = None,
+        dim_v: Optional[int] = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        groups: int = 1,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size}")
+        if stride < 1 or dilation < 1:
+            raise ValueError(f"stride and dilation must be >= 1, got stride={stride}, dilation={dilation}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.dim_v = dim_v or dim
+        if self.dim_v % num_heads:
+            raise ValueError(f"dim_v ({self.dim_v}) must be divisible by num_heads ({num_heads})")
+        self.dim_qk = _qk_dim(dim, dim_qk, group_width)
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.dilation = dilation
+        self.group_width = group_width
+        self.lam = lam
+        self.gamma = gamma
+        self.scale = qk_scale or (self.dim_v // num_heads) ** -0.5
+        self.backend = backend
+
+        self.pre_proj = nn.Conv2d(dim, self.dim_qk * 2 + self.dim_v, 1, bias=qkv_bias)
+        self.attn = nn.Sequential(
+            nn.Conv2d(self.dim_qk, self.dim_qk, kernel_size, padding=kernel_size // 2 * dilation,
+                      dilation=dilation, groups=self.dim_qk // group_width),
+            nn.GELU(),
+            nn.Conv2d(self.dim_qk, kernel_size * kernel_size * num_heads, 1, groups=groups),
+        )
+        self.ghost_head = self._init_ghost_head()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.post_proj = nn.Linear(self.dim_v, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _init_ghost_head(self) -> Optional[nn.Parameter]:
+        shape = (1, self.dim_v, self.kernel_size, self.kernel_size)
+        mul = torch.randn(shape) if self.lam != 0 else None
+        add = trunc_normal_(torch.zeros(shape), std=0.02) if self.gamma != 0 else None
+        if mul is not None and add is not None:
+            return nn.Parameter(torch.stack((mul, add)))  # (2, 1, C, K, K): [0] = m, [1] = d
+        if mul is not None or add is not None:
+            return nn.Parameter(mul if mul is not None else add)
+        return None
+
+    def ghosts(self, batch: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(m ** lam, d * gamma) per (batch * head), each (B*G, C//G, K, K) or None."""
+        if self.ghost_head is None:
+            return None, None
+        if self.lam != 0 and self.gamma != 0:
+            mul, add = self.ghost_head[0], self.ghost_head[1]
+        elif self.lam != 0:
+            mul, add = self.ghost_head, None
+        else:
+            mul, add = None, self.ghost_head
+        if mul is not None and self.lam != 1:
+            mul = mul ** self.lam
+        if add is not None and self.gamma != 1:
+            add = add * self.gamma
+        k, g = self.kernel_size, self.num_heads
+        shape = (batch * g, self.dim_v // g, k, k)
+        return tuple(None if t is None else t.expand(batch, -1, -1, -1).reshape(shape) for t in (mul, add))
+
+    def attention_logits(self, x: Tensor) -> Tensor:
+        """x: (B, C, H, W) -> Hadamard-attention logits (B, G*K*K, H // stride, W // stride)."""
+        q, k, _ = self.pre_proj(x).split((self.dim_qk, self.dim_qk, self.dim_v), dim=1)
+        return self._logits(q, k)
+
+    def _logits(self, q: Tensor, k: Tensor) -> Tensor:
+        h = q * k * self.scale
+        if self.stride > 1:
+            h = F.avg_pool2d(h, self.stride)
+        return self.attn(h)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, H, W, C) -> (B, H // stride, W // stride, C)."""
+        b, h, w, _ = x.shape
+        g, kk = self.num_heads, self.kernel_size ** 2
+        q, k, v = self.pre_proj(x.permute(0, 3, 1, 2)).split((self.dim_qk, self.dim_qk, self.dim_v), dim=1)
+        logits = self._logits(q, k)
+        ho, wo = logits.shape[-2:]
+        logits = logits.reshape(b * g, kk, ho, wo)
+        v = v.reshape(b * g, self.dim_v // g, h, w)
+        mul, add = self.ghosts(b)
+        geometry = dict(kernel_size=self.kernel_size, dilation=self.dilation, stride=self.stride, backend=self.backend)
+        if self.training and self.attn_drop.p > 0:
+            attn = self.attn_drop(logits.softmax(dim=1))
+            out = elsa_aggregate(v, attn, mul, add, **geometry)
+        else:  # the softmax can be fused into the aggregation
+            out = elsa_softmax_aggregate(v, logits, mul, add, **geometry)
+        out = out.reshape(b, self.dim_v, ho, wo).permute(0, 2, 3, 1)
+        return self.proj_drop(self.post_proj(out))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"dilation={self.dilation}, lam={self.lam}, gamma={self.gamma}, scale={self.scale:g}")
+
+
+class ELSABlock(nn.Module):
+    """x + DropPath(ELSA(LN(x))), then x + DropPath(MLP(LN(x))); input and output (B, H, W, C).
+
+    Defaults are the official ELSA block's (MLP ratio 3, no qkv bias, qk_scale 1, lam = gamma = 1);
+    ELSA-Swin passes its own (MLP ratio 4, qkv bias, K = 7, lam = 0).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kernel_size: int = 5,
+        mlp_ratio: float = 3.0,
+        qkv_bias: bool = False,
+        qk_scale: Optional[float] = 1.0,
+        lam: float = 1.0,
+        gamma: float = 1.0,
+        group_width: int = 8,
+        dilation: int = 1,
+        dim_qk: Optional[int] = None,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        act_layer: type[nn.Module] = nn.GELU,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = ELSA(dim, num_heads, kernel_size=kernel_size, dilation=dilation, group_width=group_width,
+                         lam=lam, gamma=gamma, qkv_bias=qkv_bias, qk_scale=qk_scale, dim_qk=dim_qk,
+                         attn_drop=attn_drop, proj_drop=proj_drop, backend=backend)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, H, W, C) -> (B, H, W, C)."""
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
