@@ -390,25 +390,32 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# Architecture of each registered variant; the dense-prediction backbones build from the same table.
+MODEL_ARGS = {
+    "elsa_swin_tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), group_width=4),
+    "elsa_swin_small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), group_width=8),
+    "elsa_swin_base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), group_width=8),
+    "elsa_swin_pico": dict(patch_size=2, embed_dim=32, depths=(2, 2, 2), num_heads=(2, 4, 8), group_width=4,
+                           elsa_kernel=5, window_size=4, img_size=32, num_classes=10, drop_path_rate=0.0),
+}
+
+
 @register_model
 def elsa_swin_tiny(pretrained: bool = False, **kwargs) -> ELSASwin:
     """ELSA-Swin-T @ 224 (29.1 M params, 4.8 GFLOPs, 82.7 top-1)."""
-    args = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), group_width=4)
-    return _create_elsa_swin("elsa_swin_tiny", pretrained=pretrained, **dict(args, **kwargs))
+    return _create_elsa_swin("elsa_swin_tiny", pretrained=pretrained, **dict(MODEL_ARGS["elsa_swin_tiny"], **kwargs))
 
 
 @register_model
 def elsa_swin_small(pretrained: bool = False, **kwargs) -> ELSASwin:
     """ELSA-Swin-S @ 224 (53 M params, 83.5 top-1)."""
-    args = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), group_width=8)
-    return _create_elsa_swin("elsa_swin_small", pretrained=pretrained, **dict(args, **kwargs))
+    return _create_elsa_swin("elsa_swin_small", pretrained=pretrained, **dict(MODEL_ARGS["elsa_swin_small"], **kwargs))
 
 
 @register_model
 def elsa_swin_base(pretrained: bool = False, **kwargs) -> ELSASwin:
     """ELSA-Swin-B @ 224 (93 M params, 84.0 top-1 with EMA weights)."""
-    args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), group_width=8)
-    return _create_elsa_swin("elsa_swin_base", pretrained=pretrained, **dict(args, **kwargs))
+    return _create_elsa_swin("elsa_swin_base", pretrained=pretrained, **dict(MODEL_ARGS["elsa_swin_base"], **kwargs))
 
 
 @register_model
@@ -417,6 +424,4 @@ def elsa_swin_pico(pretrained: bool = False, **kwargs) -> ELSASwin:
 
     Two ELSA stages and one window stage, ~0.6 M params; used by ``elsa train``'s built-in digits recipe and tests.
     """
-    args = dict(patch_size=2, embed_dim=32, depths=(2, 2, 2), num_heads=(2, 4, 8), group_width=4,
-                elsa_kernel=5, window_size=4, img_size=32, num_classes=10, drop_path_rate=0.0)
-    return _create_elsa_swin("elsa_swin_pico", pretrained=pretrained, **dict(args, **kwargs))
+    return _create_elsa_swin("elsa_swin_pico", pretrained=pretrained, **dict(MODEL_ARGS["elsa_swin_pico"], **kwargs))

@@ -1,0 +1,95 @@
+"""ELSA-Swin as a dense-prediction backbone (the official det/ and seg/ backbone, spec section 4).
+
+Same parameters as the classifier (so classification checkpoints load), without the head and final norm, plus a
+LayerNorm ``norm{i}`` on each returned stage. Its window stage always shifts odd blocks after padding to whole
+windows, as the official detection backbone does, so weights trained by the official detection code behave as trained.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import List, Sequence, Union
+
+import torch.nn as nn
+from torch import Tensor
+
+from ..models._checkpoint import LoadReport, fit_state_dict, read_state_dict, unwrap_state_dict
+from ..models.elsa_swin import MODEL_ARGS, ELSASwin
+
+_logger = logging.getLogger(__name__)
+
+
+class ELSASwinBackbone(ELSASwin):
+    """Multi-scale features for detection/segmentation.
+
+    forward(x: (B, 3, H, W)) -> list of (B, C_i, ceil(H / 2**(i+2)), ...) NCHW maps for i in ``out_indices``,
+    with channels C, 2C, 4C, 8C at strides 4, 8, 16, 32 (any H, W).
+
+    frozen_stages: -1 trains everything; 0 freezes the patch embedding; k >= 1 also freezes stages 0..k-1.
+    """
+
+    def __init__(self, out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1, **kwargs) -> None:
+        kwargs.setdefault("drop_path_rate", 0.2)
+        super().__init__(num_classes=0, always_shift=True, **kwargs)
+        num_stages = len(self.layers)
+        if any(not 0 <= i < num_stages for i in out_indices):
+            raise ValueError(f"out_indices must lie in [0, {num_stages}), got {tuple(out_indices)}")
+        if not -1 <= frozen_stages <= num_stages:
+            raise ValueError(f"frozen_stages must lie in [-1, {num_stages}], got {frozen_stages}")
+        del self.norm, self.head, self.head_drop
+        self.out_indices = tuple(out_indices)
+        self.frozen_stages = frozen_stages
+        for i in self.out_indices:
+            self.add_module(f"norm{i}", nn.LayerNorm(self.feature_info[i]["num_chs"]))
+        self.out_channels = [self.feature_info[i]["num_chs"] for i in self.out_indices]
+        self._freeze()
+
+    @classmethod
+    def from_name(cls, name: str, **kwargs) -> "ELSASwinBackbone":
+        """Backbone with the architecture of a registered ELSA-Swin variant, e.g. ``"elsa_swin_tiny"``."""
+        if name not in MODEL_ARGS:
+            raise ValueError(f"name must be one of {sorted(MODEL_ARGS)}, got {name!r}")
+        args = {k: v for k, v in MODEL_ARGS[name].items() if k not in ("num_classes",)}
+        return cls(**dict(args, **kwargs))
+
+    def _freeze(self) -> None:
+        frozen: List[nn.Module] = []
+        if self.frozen_stages >= 0:
+            frozen.append(self.patch_embed)
+        frozen.extend(self.layers[:max(self.frozen_stages, 0)])
+        for module in frozen:
+            module.eval()
+            for p in module.parameters():
+                p.requires_grad = False
+
+    def train(self, mode: bool = True) -> "ELSASwinBackbone":
+        super().train(mode)
+        self._freeze()
+        return self
+
+    def forward(self, x: Tensor) -> List[Tensor]:  # type: ignore[override]
+        """x: (B, in_chans, H, W) -> [norm_i(stage_i output) as (B, C_i, H_i, W_i) for i in out_indices]."""
+        outs = []
+        x = self.pos_drop(self.patch_embed(x))
+        for i, stage in enumerate(self.layers):
+            x = stage.forward_blocks(x)
+            if i in self.out_indices:
+                outs.append(getattr(self, f"norm{i}")(x).permute(0, 3, 1, 2).contiguous())
+            if stage.downsample is not None and i < max(self.out_indices):
+                x = stage.downsample(x)
+            if i >= max(self.out_indices):
+                break
+        return outs
+
+    def load_pretrained(self, path: Union[str, os.PathLike], use_ema: bool = False) -> LoadReport:
+        """Initialise from a classification checkpoint (official or ours) or a detection/segmentation checkpoint
+        (keys under ``backbone.``). Returns (and logs) which backbone tensors were not in the file and which file
+        tensors were not used (the classifier's head and final norm, a detector's neck and heads)."""
+        state_dict = unwrap_state_dict(read_state_dict(path), use_ema=use_ema)
+        if any(k.startswith("backbone.") for k in state_dict):
+            state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+        state_dict = {k: v for k, v in state_dict.items() if not k.endswith("attn_mask")}
+        report = fit_state_dict(self, state_dict, strict=False)
+        _logger.info("backbone loaded from %s; not in file: %s; unused: %s", path,
+                     report.missing or "none", report.unexpected or "none")
+        return report
