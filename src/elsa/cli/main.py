@@ -12,6 +12,11 @@ from typing import Optional, Sequence
 SUBCOMMANDS = [
     "elsa.cli.models",
     "elsa.cli.convert",
+    "elsa.cli.train",
+    "elsa.cli.validate",
+    "elsa.cli.predict",
+    "elsa.cli.visualize",
+    "elsa.cli.plot",
 ]
 
 

@@ -1,0 +1,164 @@
+"""Shared pieces of the inference tools: building a model from a checkpoint, the device, images, class names."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import timm
+import torch
+import torch.nn as nn
+from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform, resolve_data_config
+
+from ..models import CheckpointError, load_checkpoint, read_state_dict, unwrap_state_dict
+
+_logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+
+class ToolError(ValueError):
+    """Bad input to a tool (a missing file, an argument out of range); the message names the argument."""
+
+
+def resolve_device(device: Optional[str] = None) -> torch.device:
+    """``device`` as given, or CUDA when present, else CPU; a clear error for unknown or unavailable devices."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ToolError(f"--device: {device!r} is not a device name (expected e.g. 'cpu', 'cuda', 'cuda:1')") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ToolError(f"--device: {device!r} was asked for but CUDA is not available here; use --device cpu")
+    return dev
+
+
+def infer_num_classes(model_name: str, checkpoint: PathLike, use_ema: bool = False) -> Optional[int]:
+    """Classes of the checkpoint's classifier (rows of ``<classifier>.weight``), so official 1000-class files and
+    our small-data checkpoints both load without ``--num-classes``; None when the file has no such tensor."""
+    state_dict = unwrap_state_dict(read_state_dict(checkpoint), use_ema=use_ema)
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    classifier = (cfg.classifier if cfg is not None else None) or "head"
+    names = [classifier] if isinstance(classifier, str) else list(classifier)
+    for name in names:
+        weight = state_dict.get(f"{name}.weight")
+        if weight is not None and weight.ndim >= 1:
+            return int(weight.shape[0])
+    return None
+
+
+def create_model_from_checkpoint(
+    model_name: str,
+    checkpoint: Optional[PathLike],
+    num_classes: Optional[int] = None,
+    use_ema: bool = False,
+    device: Union[str, torch.device] = "cpu",
+    **model_kwargs,
+) -> nn.Module:
+    """A timm model in eval mode with the weights of ``checkpoint`` (official ``.pth``, training checkpoint with
+    ``state_dict``/``state_dict_ema``, or ``.safetensors``); ``num_classes`` is read from the file when None."""
+    if not timm.models.is_model(model_name):
+        raise ToolError(f"--model: unknown model {model_name!r} (see `elsa models` or timm.list_models())")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise ToolError(f"--checkpoint: file {str(checkpoint)!r} does not exist")
+    if num_classes is None and checkpoint is not None:
+        num_classes = infer_num_classes(model_name, checkpoint, use_ema=use_ema)
+        if num_classes is not None:
+            _logger.info("num_classes=%d, from the checkpoint's classifier", num_classes)
+    if num_classes is not None:
+        model_kwargs["num_classes"] = num_classes
+    model = timm.create_model(model_name, **model_kwargs)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, use_ema=use_ema)
+    else:
+        _logger.warning("no checkpoint given: %s has random weights", model_name)
+    return model.to(device).eval()
+
+
+def eval_transform(model: nn.Module, img_size: Optional[int] = None, crop_pct: Optional[float] = None,
+                   interpolation: Optional[str] = None):
+    """(data config, transform) for inference: the model's pretrained_cfg (mean/std, crop_pct, interpolation,
+    input size), overridden by whatever of ``img_size``/``crop_pct``/``interpolation`` is given."""
+    if img_size is not None and img_size < 1:
+        raise ToolError(f"--img-size must be a positive number of pixels, got {img_size}")
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise ToolError(f"--crop-pct must be in (0, 1], got {crop_pct}")
+    args = {}
+    if img_size is not None:
+        args["input_size"] = (3, img_size, img_size)
+    if crop_pct is not None:
+        args["crop_pct"] = crop_pct
+    if interpolation:
+        args["interpolation"] = interpolation
+    cfg = resolve_data_config(args, model=model)
+    transform = create_transform(**cfg, is_training=False)
+    return cfg, transform
+
+
+def load_image(path: PathLike) -> Image.Image:
+    """An RGB PIL image, or a ToolError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ToolError(f"image {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ToolError(f"image {str(path)!r} cannot be read as an image: {err}") from err
+
+
+def class_names(num_classes: int, class_names_file: Optional[PathLike] = None) -> Optional[list[str]]:
+    """Names for the classifier's outputs: from ``class_names_file`` (one per line, or a JSON list), else the
+    ImageNet-1k names timm ships when there are 1000 classes, else None (callers show indices)."""
+    if class_names_file is not None:
+        path = Path(class_names_file)
+        if not path.is_file():
+            raise ToolError(f"--class-names: file {str(path)!r} does not exist")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json":
+            names = json.loads(text)
+            if not isinstance(names, list):
+                raise ToolError(f"--class-names: {path} must hold a JSON list of names, got {type(names).__name__}")
+            names = [str(n) for n in names]
+        else:
+            names = [line.strip() for line in text.splitlines() if line.strip()]
+        if len(names) != num_classes:
+            raise ToolError(f"--class-names: {path} has {len(names)} names but the model has {num_classes} classes")
+        return names
+    if num_classes == 1000:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo("imagenet-1k")
+        return [info.index_to_description(i) for i in range(1000)]
+    return None
+
+
+@dataclass
+class Autocast:
+    """Mixed precision for inference: float16 on CUDA, bfloat16 on CPU (the dtypes each has fast kernels for)."""
+    enabled: bool
+    device: torch.device
+
+    def __call__(self):
+        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.enabled)
+
+
+def parse_ints(text: str, name: str, count: Optional[int] = None) -> Sequence[int]:
+    """'3,4' -> (3, 4); a ToolError naming ``name`` for anything else."""
+    try:
+        values = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise ToolError(f"{name}: expected comma-separated integers, got {text!r}") from None
+    if count is not None and len(values) != count:
+        raise ToolError(f"{name}: expected {count} comma-separated integers, got {text!r}")
+    return values
+
+
+__all__ = ["Autocast", "CheckpointError", "ToolError", "class_names", "create_model_from_checkpoint",
+           "eval_transform", "infer_num_classes", "load_image", "parse_ints", "resolve_device"]

@@ -1,0 +1,109 @@
+"""Learning curves from a training run directory (``elsa plot``).
+
+The run directory holds ``metrics.jsonl``: one JSON object per epoch with keys epoch, train_loss, val_loss,
+val_top1, val_top5, lr, images_per_s, skipped_images, epoch_time_s (missing keys are simply not drawn).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Optional
+
+from ..io import atomic_write
+from .common import PathLike, ToolError
+
+_logger = logging.getLogger(__name__)
+
+
+def read_metrics(run_dir: PathLike) -> list[dict]:
+    """The per-epoch records of ``run_dir/metrics.jsonl`` (a path to the file itself also works), sorted by epoch.
+
+    A torn last line (a run killed while writing) is skipped with a warning; any other bad line is an error."""
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise ToolError(f"RUN_DIR: no metrics file {str(path)!r} (expected the directory `elsa train` wrote, "
+                        f"holding metrics.jsonl)")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if n == len(lines):
+                _logger.warning("%s: skipping the unfinished last line %d", path, n)
+                continue
+            raise ToolError(f"{path}: line {n} is not JSON: {err}") from err
+        if not isinstance(record, dict):
+            raise ToolError(f"{path}: line {n} is not a JSON object")
+        records.append(record)
+    if not records:
+        raise ToolError(f"{path} holds no epochs yet (it is empty)")
+    for i, r in enumerate(records):
+        r.setdefault("epoch", i)
+    return sorted(records, key=lambda r: r["epoch"])
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+    xs, ys = [], []
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
+            xs.append(r["epoch"])
+            ys.append(v)
+    return xs, ys
+
+
+def plot_curves(run_dir: PathLike, out: Optional[PathLike] = None, dpi: int = 110) -> Path:
+    """Draw train/val loss, val top-1/top-5 and the learning rate against epoch; write a PNG (atomically) to
+    ``out`` (default ``run_dir/curves.png``) and return its path."""
+    records = read_metrics(run_dir)
+    run = Path(run_dir)
+    run = run if run.is_dir() else run.parent
+    out = Path(out) if out is not None else run / "curves.png"
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("loss", [("train_loss", "train"), ("val_loss", "val")], False),
+        ("accuracy (%)", [("val_top1", "val top-1"), ("val_top5", "val top-5")], False),
+        ("learning rate", [("lr", "lr")], True),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
+    for ax, (ylabel, keys, log) in zip(axes, panels):
+        drawn = False
+        for key, label in keys:
+            xs, ys = _series(records, key)
+            if xs:
+                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+                drawn = True
+                if key == "val_top1":
+                    best = max(range(len(ys)), key=ys.__getitem__)
+                    ax.annotate(f"best {ys[best]:.2f} @ {xs[best]}", (xs[best], ys[best]), xytext=(0, -14),
+                                textcoords="offset points", fontsize=8, ha="center")
+        if not drawn:
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
+        elif log and all(y > 0 for y in _series(records, keys[0][0])[1]):
+            ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if drawn and len(keys) > 1:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{run.name}: {len(records)} epochs", fontsize=10)
+    fig.tight_layout()
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
+    _logger.info("wrote %s", out)
+    return out
+
+
+__all__ = ["plot_curves", "read_metrics"]

@@ -1,0 +1,221 @@
+"""What an ELSA block attends to (``elsa visualize``).
+
+For chosen pixels of one ELSA block this shows each head's K x K Hadamard attention (the softmax of the
+attention logits at that pixel), the head's ghost head (``m ** lam`` and/or ``d * gamma``, averaged over the
+head's value channels; it is the same at every pixel) and the filter the head finally applies,
+``mean_c(m_c * a + d_c)`` over the head's channels. The block input is captured with a forward pre-hook on the
+block's ``attn`` module, whose input is ``norm1(x)`` as (B, H, W, C).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..io import atomic_write
+from ..layers import ELSA
+from .common import PathLike, ToolError
+
+_logger = logging.getLogger(__name__)
+
+
+def elsa_blocks(model: nn.Module) -> list[str]:
+    """Names of the modules whose ``attn`` is an ELSA layer (e.g. ``layers.0.blocks.0``), in model order."""
+    return [name for name, m in model.named_modules() if isinstance(getattr(m, "attn", None), ELSA)]
+
+
+@dataclass
+class AttentionMaps:
+    """Everything the figure shows. Pixels are (y, x) in the model input; ``map_pixels`` the same pixels on the
+    attention map (the block's map divided by the ELSA stride). Tensors are float32 on the CPU.
+
+    attention: (P, G, K, K) softmax; combined: (P, G, K, K) = mean over the head's channels of m * a + d;
+    ghost_mul, ghost_add: (G, K, K) channel means of m ** lam and d * gamma, or None when the layer has none.
+    """
+    image: np.ndarray  # (H, W, 3) in [0, 1], the preprocessed input with the normalisation undone
+    block: str
+    pixels: list[tuple[int, int]]
+    map_pixels: list[tuple[int, int]]
+    map_size: tuple[int, int]
+    cell: tuple[float, float]  # input pixels per cell of the block's input map (y, x)
+    kernel_size: int
+    dilation: int
+    stride: int
+    lam: float
+    gamma: float
+    attention: Tensor
+    combined: Tensor
+    ghost_mul: Optional[Tensor]
+    ghost_add: Optional[Tensor]
+
+
+def default_pixels(height: int, width: int) -> list[tuple[int, int]]:
+    """Three pixels on the diagonal (a quarter, half, three quarters of the way), spread over the image."""
+    return [(height * f // 4, width * f // 4) for f in (1, 2, 3)]
+
+
+@torch.no_grad()
+def attention_maps(
+    model: nn.Module,
+    image: Tensor,
+    block: Optional[str] = None,
+    pixels: Optional[Sequence[tuple[int, int]]] = None,
+    mean: Sequence[float] = (0.0, 0.0, 0.0),
+    std: Sequence[float] = (1.0, 1.0, 1.0),
+) -> AttentionMaps:
+    """Run ``model`` on ``image`` (3, H, W), normalised with ``mean``/``std``, and read out one ELSA block.
+
+    ``block`` defaults to the first ELSA block; ``pixels`` ((y, x) in the input image) to ``default_pixels``."""
+    if image.ndim != 3:
+        raise ToolError(f"image must be (3, H, W), got shape {tuple(image.shape)}")
+    names = elsa_blocks(model)
+    if not names:
+        raise ToolError(f"{type(model).__name__} has no ELSA blocks to visualise")
+    block = block or names[0]
+    if block not in names:
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise ToolError(f"--block: {block!r} is not an ELSA block of {type(model).__name__}; choose one of: {shown}")
+    height, width = image.shape[-2:]
+    pixels = list(pixels) if pixels else default_pixels(height, width)
+    for y, x in pixels:
+        if not (0 <= y < height and 0 <= x < width):
+            raise ToolError(f"--pixels: ({y},{x}) is outside the {height}x{width} model input "
+                            f"(expected 0 <= y < {height}, 0 <= x < {width})")
+    attn: ELSA = model.get_submodule(block).attn
+    captured = {}
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        captured["x"] = args[0].detach()
+
+    handle = attn.register_forward_pre_hook(hook)
+    was_training = model.training
+    try:
+        model.eval()
+        model(image.unsqueeze(0).to(next(model.parameters()).device))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    x = captured["x"].float()  # (1, Hb, Wb, C)
+    attn = attn.float() if next(attn.parameters()).dtype != torch.float32 else attn
+    hb, wb = x.shape[1:3]
+    logits = attn.attention_logits(x.permute(0, 3, 1, 2))  # (1, G*K*K, Ho, Wo)
+    g, k = attn.num_heads, attn.kernel_size
+    ho, wo = logits.shape[-2:]
+    probs = logits.reshape(g, k * k, ho, wo).softmax(dim=1).reshape(g, k, k, ho, wo).cpu()
+    cell = (height / hb, width / wb)
+    map_pixels = [(min(int(y / cell[0]) // attn.stride, ho - 1), min(int(x / cell[1]) // attn.stride, wo - 1))
+                  for y, x in pixels]
+    attention = torch.stack([probs[..., i, j] for i, j in map_pixels])  # (P, G, K, K)
+    mul, add = attn.ghosts(1)  # each (G, C//G, K, K) or None
+    ghost_mul = mul.float().mean(dim=1).cpu() if mul is not None else None
+    ghost_add = add.float().mean(dim=1).cpu() if add is not None else None
+    combined = attention * (ghost_mul if ghost_mul is not None else 1.0)
+    if ghost_add is not None:
+        combined = combined + ghost_add
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    shown = (image.detach().float().cpu() * std_t + mean_t).clamp(0, 1).permute(1, 2, 0).numpy()
+    return AttentionMaps(image=shown, block=block, pixels=[(int(y), int(x)) for y, x in pixels],
+                         map_pixels=map_pixels, map_size=(ho, wo), cell=cell, kernel_size=k,
+                         dilation=attn.dilation, stride=attn.stride, lam=attn.lam, gamma=attn.gamma,
+                         attention=attention, combined=combined, ghost_mul=ghost_mul, ghost_add=ghost_add)
+
+
+def _window(maps: AttentionMaps, i: int, j: int) -> tuple[float, float, float, float]:
+    """(x0, y0, width, height) in input pixels of the K x K neighbourhood of attention-map cell (i, j)."""
+    half = maps.kernel_size // 2 * maps.dilation
+    cy, cx = maps.cell
+    y0, x0 = (i * maps.stride - half) * cy, (j * maps.stride - half) * cx
+    return x0 - 0.5, y0 - 0.5, (2 * half + 1) * cx, (2 * half + 1) * cy
+
+
+def plot_attention_maps(maps: AttentionMaps, out: PathLike, dpi: int = 110) -> Path:
+    """Write the figure as a PNG (atomically). Layout: row 0 is the input with every pixel numbered, then the
+    ghost heads; each later row is one pixel: the input with its K x K window, each head's attention, each
+    head's combined filter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    num_pixels = len(maps.pixels)
+    g = maps.attention.shape[1]
+    k = maps.kernel_size
+    rows, cols = 1 + num_pixels, 1 + 2 * g
+    fig, axes = plt.subplots(rows, cols, figsize=(min(2.3 * cols, 60), 2.3 * rows + 0.6), squeeze=False)
+    colors = plt.cm.tab10.colors
+
+    def show_kernel(ax, data: Tensor, title: str, signed: bool) -> None:
+        arr = data.numpy()
+        if signed:
+            bound = float(np.abs(arr).max()) or 1.0
+            im = ax.imshow(arr, cmap="RdBu_r", vmin=-bound, vmax=bound)
+        else:
+            im = ax.imshow(arr, cmap="viridis", vmin=0.0)
+        ax.plot([k // 2], [k // 2], marker="+", color="black" if signed else "white", markersize=8, mew=1.5)
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+        cbar.ax.tick_params(labelsize=6)
+
+    # Row 0: the input with all pixels, then the ghost heads.
+    ax = axes[0, 0]
+    ax.imshow(maps.image)
+    for n, (y, x) in enumerate(maps.pixels):
+        ax.plot([x], [y], marker="x", color=colors[n % 10], markersize=9, mew=2)
+        ax.annotate(str(n + 1), (x, y), xytext=(4, 4), textcoords="offset points", color=colors[n % 10],
+                    fontsize=9, fontweight="bold")
+    ax.set_title(f"input {maps.image.shape[0]}x{maps.image.shape[1]}", fontsize=8)
+    ax.axis("off")
+    ghosts = [(t, name) for t, name in ((maps.ghost_mul, f"m^{maps.lam:g}"), (maps.ghost_add, f"d*{maps.gamma:g}"))
+              if t is not None]
+    for c in range(1, cols):
+        axes[0, c].axis("off")
+    for gi, (tensor, name) in enumerate(ghosts):
+        for h in range(g):
+            ax = axes[0, 1 + gi * g + h]
+            ax.axis("on")
+            show_kernel(ax, tensor[h], f"ghost head {h}: {name}\n(mean over channels)", signed=True)
+    if len(ghosts) < 2:
+        missing = "no ghost head" if not ghosts else (
+            "no multiplicative ghost (lam = 0)" if maps.ghost_mul is None else "no additive ghost (gamma = 0)")
+        axes[0, 1 + len(ghosts) * g].text(0.0, 0.5, missing, fontsize=9, transform=axes[0, 1 + len(ghosts) * g].transAxes)
+
+    # One row per pixel.
+    for n, ((y, x), (i, j)) in enumerate(zip(maps.pixels, maps.map_pixels)):
+        r = 1 + n
+        ax = axes[r, 0]
+        ax.imshow(maps.image)
+        ax.plot([x], [y], marker="x", color=colors[n % 10], markersize=9, mew=2)
+        x0, y0, w, h_ = _window(maps, i, j)
+        ax.add_patch(Rectangle((x0, y0), w, h_, fill=False, edgecolor=colors[n % 10], linewidth=1.5))
+        ax.set_xlim(-0.5, maps.image.shape[1] - 0.5)
+        ax.set_ylim(maps.image.shape[0] - 0.5, -0.5)
+        ax.set_title(f"pixel {n + 1}: (y={y}, x={x})\nmap cell ({i},{j}), {k}x{k} window", fontsize=8)
+        ax.axis("off")
+        for h in range(g):
+            show_kernel(axes[r, 1 + h], maps.attention[n, h], f"pixel {n + 1}, head {h}\nattention softmax(a)",
+                        signed=False)
+            show_kernel(axes[r, 1 + g + h], maps.combined[n, h], f"pixel {n + 1}, head {h}\nfilter mean(m*a + d)",
+                        signed=True)
+    fig.suptitle(f"ELSA block {maps.block}: {g} heads, K={k}, dilation={maps.dilation}, map "
+                 f"{maps.map_size[0]}x{maps.map_size[1]} (+ marks the query pixel)", fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
+    _logger.info("wrote %s", out)
+    return out
+
+
+__all__ = ["AttentionMaps", "attention_maps", "default_pixels", "elsa_blocks", "plot_attention_maps"]
