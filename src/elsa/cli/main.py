@@ -17,6 +17,7 @@ SUBCOMMANDS = [
     "elsa.cli.predict",
     "elsa.cli.visualize",
     "elsa.cli.plot",
+    "elsa.cli.seg",
 ]
 
 
