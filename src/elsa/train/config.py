@@ -1,0 +1,207 @@
+"""Training configuration: one flat set of options with defaults, built-in recipes, YAML config files.
+
+Why flat: the options are timm's train.py options (the official ELSA README's flags map one to one), so a YAML
+file, a recipe and the command line all speak the same names. Precedence: defaults < recipe < --config file <
+flags given on the command line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``elsa train``; field names are the command line flags with ``-`` as ``_``."""
+
+    # data
+    data: Optional[str] = None  # folder with train/ and val/, "digits", or a timm spec (torch/cifar10); None: digits
+    data_dir: Optional[str] = None  # root for timm specs (download/cache folder)
+    dataset_download: bool = False
+    train_subset: Optional[int] = None  # first n training samples only (quick runs, tests)
+    val_subset: Optional[int] = None
+    # model
+    model: str = "elsa_swin_pico"
+    pretrained: bool = False
+    pretrained_path: Optional[str] = None
+    initial_checkpoint: Optional[str] = None
+    resume: Optional[str] = None
+    num_classes: Optional[int] = None
+    img_size: Optional[int] = None
+    crop_pct: Optional[float] = None
+    interpolation: Optional[str] = None
+    drop: float = 0.0
+    drop_path: Optional[float] = None
+    grad_checkpointing: bool = False
+    sync_bn: bool = False
+    # loader
+    batch_size: int = 128
+    validation_batch_size: Optional[int] = None
+    workers: int = 4
+    pin_mem: bool = False
+    no_prefetcher: bool = False
+    # optimizer
+    opt: str = "adamw"
+    opt_eps: Optional[float] = None
+    opt_betas: Optional[List[float]] = None
+    momentum: float = 0.9
+    weight_decay: float = 0.05
+    clip_grad: Optional[float] = None
+    clip_mode: str = "norm"
+    # schedule
+    sched: str = "cosine"
+    lr: float = 1e-3
+    lr_base_size: Optional[int] = None  # lr is for this global batch; scaled linearly to the actual one
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    epochs: int = 100
+    warmup_epochs: int = 5
+    cooldown_epochs: int = 0
+    decay_epochs: float = 30.0
+    decay_rate: float = 0.1
+    sched_on_updates: bool = True
+    # augmentation and regularisation
+    no_aug: bool = False
+    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: List[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
+    hflip: float = 0.5
+    vflip: float = 0.0
+    color_jitter: float = 0.4
+    aa: Optional[str] = None
+    train_interpolation: str = "random"
+    reprob: float = 0.0
+    remode: str = "pixel"
+    recount: int = 1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    cutmix_minmax: Optional[List[float]] = None
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    mixup_off_epoch: int = 0
+    smoothing: float = 0.1
+    digits_shift: int = 3
+    # EMA
+    model_ema: bool = False
+    model_ema_decay: float = 0.99992
+    model_ema_warmup: bool = False
+    # precision and device
+    amp: bool = False
+    amp_dtype: str = "float16"
+    apex_amp: bool = False
+    device: Optional[str] = None
+    threads: Optional[int] = None  # torch CPU threads per process (default: torch's choice)
+    # run
+    seed: int = 42
+    output: Optional[str] = None  # parent folder of run folders (default ./output/train)
+    experiment: Optional[str] = None  # run folder name (default: date-model-size)
+    log_interval: int = 50
+    log_tensorboard: bool = False
+    progress: bool = True
+    max_steps_per_epoch: Optional[int] = None  # hidden: stop each epoch early (tests)
+    save_rank_params: Optional[str] = None  # hidden: folder where every rank saves its final params (DDP test)
+    recipe: Optional[str] = None
+    config: Optional[str] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def list_recipes() -> List[str]:
+    """Names of the built-in recipes (files ``elsa/train/recipes/*.yaml``)."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: os.PathLike, what: str) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{what} file {str(path)!r} must hold a mapping of option: value, got {type(values).__name__}")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - FIELDS)
+    if unknown:
+        raise ValueError(f"{what} file {str(path)!r} has unknown option(s) {unknown}; known options are the "
+                         f"`elsa train` flags with '-' written as '_'")
+    return values
+
+
+def load_recipe(name: str) -> Dict[str, Any]:
+    """The options of a built-in recipe, e.g. ``elsa_swin_tiny_in1k`` or ``digits``."""
+    path = RECIPE_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"--recipe {name!r} is not a built-in recipe; choose one of {list_recipes()}")
+    return _read_yaml(path, "recipe")
+
+
+def load_config_file(path: os.PathLike) -> Dict[str, Any]:
+    """The options of a user YAML file (``--config``); keys are flag names (``weight_decay`` or ``weight-decay``)."""
+    return _read_yaml(path, "--config")
+
+
+def build_config(cli: Dict[str, Any]) -> TrainConfig:
+    """Merge defaults < recipe < config file < command line options (only those given) into a ``TrainConfig``.
+
+    With no data and no recipe, the ``digits`` recipe applies (``elsa train`` alone trains on the digits).
+    """
+    cli = {k: v for k, v in cli.items() if k in FIELDS}
+    recipe = cli.get("recipe")
+    config_path = cli.get("config")
+    file_values = load_config_file(config_path) if config_path else {}
+    recipe = recipe or file_values.get("recipe")
+    data = cli.get("data", file_values.get("data"))
+    if recipe is None and data in (None, "digits"):
+        recipe = "digits"
+    values: Dict[str, Any] = {}
+    if recipe:
+        values.update(load_recipe(recipe))
+        values["recipe"] = recipe
+    values.update(file_values)
+    values.update(cli)
+    if recipe:
+        values["recipe"] = recipe
+    return TrainConfig(**values)
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Argument checks with the option's name, what came and what was expected (before anything is built)."""
+    def positive(name: str, allow_none: bool = False) -> None:
+        v = getattr(cfg, name)
+        if v is None and allow_none:
+            return
+        if v is None or v <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {v!r}")
+
+    for name in ("batch_size", "epochs", "lr"):
+        positive(name)
+    for name in ("validation_batch_size", "train_subset", "val_subset", "max_steps_per_epoch", "num_classes",
+                 "img_size", "lr_base_size", "threads"):
+        positive(name, allow_none=True)
+    if cfg.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {cfg.workers}")
+    if cfg.warmup_epochs < 0 or cfg.warmup_epochs >= cfg.epochs + cfg.cooldown_epochs + 1:
+        raise ValueError(f"--warmup-epochs must be in [0, epochs), got {cfg.warmup_epochs} with epochs {cfg.epochs}")
+    if cfg.amp_dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"--amp-dtype must be 'float16' or 'bfloat16', got {cfg.amp_dtype!r}")
+    for name in ("mixup", "cutmix", "reprob", "smoothing", "drop"):
+        v = getattr(cfg, name)
+        if v < 0:
+            raise ValueError(f"--{name} must be >= 0, got {v}")
+    if cfg.drop_path is not None and not 0 <= cfg.drop_path < 1:
+        raise ValueError(f"--drop-path must be in [0, 1), got {cfg.drop_path}")
+    if cfg.crop_pct is not None and not 0 < cfg.crop_pct <= 1:
+        raise ValueError(f"--crop-pct must be in (0, 1], got {cfg.crop_pct}")
+    if cfg.model_ema and not 0 < cfg.model_ema_decay < 1:
+        raise ValueError(f"--model-ema-decay must be in (0, 1), got {cfg.model_ema_decay}")
