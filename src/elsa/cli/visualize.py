@@ -32,6 +32,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--pixels", type=_pixel, nargs="+", default=None, metavar="Y,X",
                    help="pixels (y,x) of the model input (default: three on the diagonal)")
     p.add_argument("--block", default=None, help="ELSA block, e.g. layers.0.blocks.0 (default: the first)")
+    p.add_argument("--heads", default=None, metavar="H,H,...",
+                   help="heads to show, e.g. 0,1,2 (default: all heads of the block)")
     p.add_argument("--out", default=None, help="output PNG (default: IMAGE_attention.png beside the image)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: from the checkpoint)")
     p.add_argument("--use-ema", action="store_true", help="load the EMA weights of a training checkpoint")
@@ -42,10 +44,11 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..models import CheckpointError
-    from ..tools import (ToolError, attention_maps, create_model_from_checkpoint, eval_transform, load_image,
+    from ..tools import (ToolError, attention_maps, parse_ints, create_model_from_checkpoint, eval_transform, load_image,
                          plot_attention_maps, resolve_device)
 
     try:
+        heads = parse_ints(args.heads, "--heads") if args.heads else None
         device = resolve_device(args.device)
         image = load_image(args.image)
         model = create_model_from_checkpoint(args.model, args.checkpoint, num_classes=args.num_classes,
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         out = args.out or str(Path(args.image).with_name(Path(args.image).stem + "_attention.png"))
         if not out.lower().endswith(".png"):
             raise ToolError(f"--out: the figure is written as PNG; give a .png file name, got {out!r}")
-        plot_attention_maps(maps, out)
+        plot_attention_maps(maps, out, heads=heads)
     except (ToolError, CheckpointError) as err:
         print(f"elsa visualize: error: {err}", file=sys.stderr)
         return 2

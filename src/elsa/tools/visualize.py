@@ -135,30 +135,49 @@ def _window(maps: AttentionMaps, i: int, j: int) -> tuple[float, float, float, f
     return x0 - 0.5, y0 - 0.5, (2 * half + 1) * cx, (2 * half + 1) * cy
 
 
-def plot_attention_maps(maps: AttentionMaps, out: PathLike, dpi: int = 110) -> Path:
-    """Write the figure as a PNG (atomically). Layout: row 0 is the input with every pixel numbered, then the
-    ghost heads; each later row is one pixel: the input with its K x K window, each head's attention, each
-    head's combined filter."""
+def plot_attention_maps(maps: AttentionMaps, out: PathLike, heads: Optional[Sequence[int]] = None,
+                        dpi: int = 100) -> Path:
+    """Write the figure as a PNG (atomically) and return its path.
+
+    Layout: one row per head (``heads``, default all). The left column(s) hold the head's ghost head(s); then,
+    for each pixel, the head's attention softmax(a) and its filter mean(m * a + d). The top row shows the input
+    with every pixel numbered (above the ghost columns) and, above each pixel's pair of columns, the input with
+    that pixel and its K x K window (in input pixels) drawn. Each panel has its own colour scale and colorbar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    num_pixels = len(maps.pixels)
-    g = maps.attention.shape[1]
+    num_heads = maps.attention.shape[1]
+    heads = list(range(num_heads)) if heads is None else list(heads)
+    bad = [h for h in heads if not 0 <= h < num_heads]
+    if bad or not heads:
+        raise ToolError(f"--heads: {bad or heads} not valid for block {maps.block}, which has heads 0..{num_heads - 1}")
     k = maps.kernel_size
-    rows, cols = 1 + num_pixels, 1 + 2 * g
-    fig, axes = plt.subplots(rows, cols, figsize=(min(2.3 * cols, 60), 2.3 * rows + 0.6), squeeze=False)
+    ghosts = [(t, name) for t, name in ((maps.ghost_mul, f"ghost m^{maps.lam:g}"),
+                                        (maps.ghost_add, f"ghost d*{maps.gamma:g}")) if t is not None]
+    lead = max(1, len(ghosts))
+    num_pixels = len(maps.pixels)
+    rows, cols = 1 + len(heads), lead + 2 * num_pixels
+    fig = plt.figure(figsize=(2.3 * cols, 2.1 * rows + 0.5))
+    grid = fig.add_gridspec(rows, cols)
     colors = plt.cm.tab10.colors
+
+    def show_image(ax, title: str) -> None:
+        ax.imshow(maps.image)
+        ax.set_xlim(-0.5, maps.image.shape[1] - 0.5)
+        ax.set_ylim(maps.image.shape[0] - 0.5, -0.5)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
 
     def show_kernel(ax, data: Tensor, title: str, signed: bool) -> None:
         arr = data.numpy()
         if signed:
             bound = float(np.abs(arr).max()) or 1.0
-            im = ax.imshow(arr, cmap="RdBu_r", vmin=-bound, vmax=bound)
+            im = ax.imshow(arr, cmap="RdBu_r", vmin=-bound, vmax=bound, interpolation="nearest")
         else:
-            im = ax.imshow(arr, cmap="viridis", vmin=0.0)
+            im = ax.imshow(arr, cmap="viridis", vmin=0.0, interpolation="nearest")
         ax.plot([k // 2], [k // 2], marker="+", color="black" if signed else "white", markersize=8, mew=1.5)
         ax.set_title(title, fontsize=8)
         ax.set_xticks([])
@@ -166,48 +185,36 @@ def plot_attention_maps(maps: AttentionMaps, out: PathLike, dpi: int = 110) -> P
         cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
         cbar.ax.tick_params(labelsize=6)
 
-    # Row 0: the input with all pixels, then the ghost heads.
-    ax = axes[0, 0]
-    ax.imshow(maps.image)
+    # Top row: the whole input, then one view per pixel with its window.
+    ax = fig.add_subplot(grid[0, :lead])
+    show_image(ax, f"input {maps.image.shape[0]}x{maps.image.shape[1]} (model input)")
     for n, (y, x) in enumerate(maps.pixels):
         ax.plot([x], [y], marker="x", color=colors[n % 10], markersize=9, mew=2)
         ax.annotate(str(n + 1), (x, y), xytext=(4, 4), textcoords="offset points", color=colors[n % 10],
-                    fontsize=9, fontweight="bold")
-    ax.set_title(f"input {maps.image.shape[0]}x{maps.image.shape[1]}", fontsize=8)
-    ax.axis("off")
-    ghosts = [(t, name) for t, name in ((maps.ghost_mul, f"m^{maps.lam:g}"), (maps.ghost_add, f"d*{maps.gamma:g}"))
-              if t is not None]
-    for c in range(1, cols):
-        axes[0, c].axis("off")
-    for gi, (tensor, name) in enumerate(ghosts):
-        for h in range(g):
-            ax = axes[0, 1 + gi * g + h]
-            ax.axis("on")
-            show_kernel(ax, tensor[h], f"ghost head {h}: {name}\n(mean over channels)", signed=True)
-    if len(ghosts) < 2:
-        missing = "no ghost head" if not ghosts else (
-            "no multiplicative ghost (lam = 0)" if maps.ghost_mul is None else "no additive ghost (gamma = 0)")
-        axes[0, 1 + len(ghosts) * g].text(0.0, 0.5, missing, fontsize=9, transform=axes[0, 1 + len(ghosts) * g].transAxes)
-
-    # One row per pixel.
+                    fontsize=10, fontweight="bold")
     for n, ((y, x), (i, j)) in enumerate(zip(maps.pixels, maps.map_pixels)):
-        r = 1 + n
-        ax = axes[r, 0]
-        ax.imshow(maps.image)
+        ax = fig.add_subplot(grid[0, lead + 2 * n:lead + 2 * n + 2])
+        show_image(ax, f"pixel {n + 1}: (y={y}, x={x}) -> map cell ({i},{j})\nbox: its {k}x{k} window")
         ax.plot([x], [y], marker="x", color=colors[n % 10], markersize=9, mew=2)
-        x0, y0, w, h_ = _window(maps, i, j)
-        ax.add_patch(Rectangle((x0, y0), w, h_, fill=False, edgecolor=colors[n % 10], linewidth=1.5))
-        ax.set_xlim(-0.5, maps.image.shape[1] - 0.5)
-        ax.set_ylim(maps.image.shape[0] - 0.5, -0.5)
-        ax.set_title(f"pixel {n + 1}: (y={y}, x={x})\nmap cell ({i},{j}), {k}x{k} window", fontsize=8)
-        ax.axis("off")
-        for h in range(g):
-            show_kernel(axes[r, 1 + h], maps.attention[n, h], f"pixel {n + 1}, head {h}\nattention softmax(a)",
-                        signed=False)
-            show_kernel(axes[r, 1 + g + h], maps.combined[n, h], f"pixel {n + 1}, head {h}\nfilter mean(m*a + d)",
-                        signed=True)
-    fig.suptitle(f"ELSA block {maps.block}: {g} heads, K={k}, dilation={maps.dilation}, map "
-                 f"{maps.map_size[0]}x{maps.map_size[1]} (+ marks the query pixel)", fontsize=10)
+        x0, y0, w, h = _window(maps, i, j)
+        ax.add_patch(Rectangle((x0, y0), w, h, fill=False, edgecolor=colors[n % 10], linewidth=2))
+
+    # One row per head.
+    for r, head in enumerate(heads, 1):
+        for c, (tensor, name) in enumerate(ghosts):
+            show_kernel(fig.add_subplot(grid[r, c]), tensor[head], f"head {head}: {name}\n(channel mean)", True)
+        if not ghosts:
+            ax = fig.add_subplot(grid[r, 0])
+            ax.axis("off")
+            ax.text(0.5, 0.5, f"head {head}\n(no ghost head)", ha="center", va="center", transform=ax.transAxes)
+        for n in range(num_pixels):
+            show_kernel(fig.add_subplot(grid[r, lead + 2 * n]), maps.attention[n, head],
+                        f"head {head}, pixel {n + 1}\nattention softmax(a)", False)
+            show_kernel(fig.add_subplot(grid[r, lead + 2 * n + 1]), maps.combined[n, head],
+                        f"head {head}, pixel {n + 1}\nfilter mean(m*a + d)", True)
+    note = "" if maps.ghost_mul is not None else ", lam = 0 (no m ghost: m = 1)"
+    fig.suptitle(f"ELSA block {maps.block}: {num_heads} heads, K={k}, dilation={maps.dilation}, attention map "
+                 f"{maps.map_size[0]}x{maps.map_size[1]}{note}; + marks the query pixel", fontsize=11)
     fig.tight_layout()
     out = Path(out)
     try:
