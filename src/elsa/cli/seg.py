@@ -105,6 +105,10 @@ def _recipe(args: argparse.Namespace):
         value = getattr(args, arg, None)
         if value is not None:
             changes[field] = value
+    if "crop_size" in changes:  # sliding-window test follows the training crop (official: 512 / stride 341)
+        crop = changes["crop_size"]
+        changes["slide_crop"] = crop
+        changes["slide_stride"] = (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
     if getattr(args, "backbone_kwargs", None) is not None:
         changes["backbone_kwargs"] = dict(recipe.backbone_kwargs, **args.backbone_kwargs)
     if getattr(args, "ms_ratios", None):
@@ -178,7 +182,9 @@ def _recipe_over(recipe, args):
     if getattr(args, "img_scale", None):
         changes["img_scale"] = args.img_scale
     if getattr(args, "crop_size", None):
-        changes["slide_crop"] = args.crop_size
+        crop = args.crop_size
+        changes["slide_crop"] = crop
+        changes["slide_stride"] = (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
     return recipe.replace(**changes), bool(changes)
 
 
