@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-import elsa
+import elsa  # noqa: F401 - registers the ELSA models with timm
 from elsa.cli.main import main
 from elsa.io import save_safetensors, torch_save
 from elsa.tools import attention_maps, read_metrics
@@ -163,6 +163,12 @@ def test_predict_topk_and_json(data, checkpoints, tmp_path, capsys):
     assert str(files[0]) in text and "1. " in text and "2. " in text and "3. " not in text
     assert any(n in text for n in ("red (0)", "green (1)", "blue (2)"))
 
+    trained = tmp_path / "trained.pth"  # `elsa train` checkpoints store their class names
+    torch_save({"state_dict": checkpoints["A"], "classes": ["red", "green", "blue"], "epoch": 1}, trained)
+    assert main(["predict", str(files[0]), "--model", MODEL, "--checkpoint", str(trained), "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["topk"]
+    assert len(top) == 3 and {c["name"] for c in top} == {"red", "green", "blue"}  # top-5 capped at 3 classes
+
     names.write_text("red\ngreen\n")
     assert main(argv + ["--class-names", str(names)]) == 2
     assert "2 names but the model has 3 classes" in capsys.readouterr().err
@@ -241,3 +247,4 @@ def test_plot_curves(tmp_path, capsys):
     with Image.open(png) as img:
         assert img.format == "PNG" and img.width >= 800 and img.height >= 300
     assert main(["plot", str(run), "--out", str(tmp_path / "c.jpg")]) == 2
+

@@ -1,7 +1,8 @@
 """``elsa predict``: the top-k classes of each image, as text or JSON.
 
 Images are preprocessed as the model's pretrained_cfg says (input size, crop_pct, interpolation, mean/std).
-Class names: ImageNet-1k's when the head has 1000 classes, those of --class-names FILE, else indices.
+Class names: those of --class-names FILE, else ImageNet-1k's when the head has 1000 classes, else the ones an
+`elsa train` checkpoint stores, else class indices.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..models import CheckpointError
-    from ..tools import (ToolError, class_names, create_model_from_checkpoint, eval_transform, predict,
-                         resolve_device)
+    from ..tools import (ToolError, checkpoint_classes, class_names, create_model_from_checkpoint, eval_transform,
+                         predict, resolve_device)
 
     try:
         if args.topk < 1:
@@ -41,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
         model = create_model_from_checkpoint(args.model, args.checkpoint, num_classes=args.num_classes,
                                              use_ema=args.use_ema, device=device)
         names = class_names(model.num_classes, args.class_names)
+        if names is None:  # `elsa train` checkpoints remember their classes (e.g. the class folder names)
+            names = checkpoint_classes(args.checkpoint, model.num_classes)
         _, transform = eval_transform(model, args.img_size, args.crop_pct, args.interpolation)
         results = predict(model, args.images, transform, topk=args.topk, names=names, device=device, amp=args.amp)
     except (ToolError, CheckpointError) as err:

@@ -44,8 +44,8 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..models import CheckpointError
-    from ..tools import (ToolError, attention_maps, parse_ints, create_model_from_checkpoint, eval_transform, load_image,
-                         plot_attention_maps, resolve_device)
+    from ..tools import (ToolError, attention_maps, create_model_from_checkpoint, eval_transform, load_image,
+                         parse_ints, plot_attention_maps, resolve_device)
 
     try:
         heads = parse_ints(args.heads, "--heads") if args.heads else None

@@ -18,6 +18,8 @@ from ..models import CheckpointError, load_checkpoint, read_state_dict, unwrap_s
 
 _logger = logging.getLogger(__name__)
 
+_EMA_KEYS = ("state_dict_ema", "model_ema")  # where timm-style training checkpoints keep EMA weights
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -38,10 +40,7 @@ def resolve_device(device: Optional[str] = None) -> torch.device:
     return dev
 
 
-def infer_num_classes(model_name: str, checkpoint: PathLike, use_ema: bool = False) -> Optional[int]:
-    """Classes of the checkpoint's classifier (rows of ``<classifier>.weight``), so official 1000-class files and
-    our small-data checkpoints both load without ``--num-classes``; None when the file has no such tensor."""
-    state_dict = unwrap_state_dict(read_state_dict(checkpoint), use_ema=use_ema)
+def _classifier_rows(model_name: str, state_dict: dict) -> Optional[int]:
     cfg = timm.models.get_pretrained_cfg(model_name)
     classifier = (cfg.classifier if cfg is not None else None) or "head"
     names = [classifier] if isinstance(classifier, str) else list(classifier)
@@ -50,6 +49,12 @@ def infer_num_classes(model_name: str, checkpoint: PathLike, use_ema: bool = Fal
         if weight is not None and weight.ndim >= 1:
             return int(weight.shape[0])
     return None
+
+
+def infer_num_classes(model_name: str, checkpoint: PathLike, use_ema: bool = False) -> Optional[int]:
+    """Classes of the checkpoint's classifier (rows of ``<classifier>.weight``), so official 1000-class files and
+    our small-data checkpoints both load without ``--num-classes``; None when the file has no such tensor."""
+    return _classifier_rows(model_name, unwrap_state_dict(read_state_dict(checkpoint), use_ema=use_ema))
 
 
 def create_model_from_checkpoint(
@@ -61,16 +66,26 @@ def create_model_from_checkpoint(
     **model_kwargs,
 ) -> nn.Module:
     """A timm model in eval mode with the weights of ``checkpoint`` (official ``.pth``, training checkpoint with
-    ``state_dict``/``state_dict_ema``, or ``.safetensors``); ``num_classes`` is read from the file when None."""
+    ``state_dict``/``state_dict_ema``, or ``.safetensors``); ``num_classes`` is read from the file when None.
+
+    ``use_ema`` on a file without EMA weights falls back to its regular weights, as timm's validate does, and
+    says so in a warning."""
     if not timm.models.is_model(model_name):
         raise ToolError(f"--model: unknown model {model_name!r} (see `elsa models` or timm.list_models())")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise ToolError(f"--checkpoint: file {str(checkpoint)!r} does not exist")
-    if num_classes is None and checkpoint is not None:
-        num_classes = infer_num_classes(model_name, checkpoint, use_ema=use_ema)
-        if num_classes is not None:
-            _logger.info("num_classes=%d, from the checkpoint's classifier", num_classes)
+    if checkpoint is not None and (num_classes is None or use_ema):
+        raw = read_state_dict(checkpoint)
+        if use_ema and isinstance(raw, dict) and not any(isinstance(raw.get(k), dict) for k in _EMA_KEYS):
+            _logger.warning("--use-ema: %s holds no EMA weights (%s); using its regular weights", checkpoint,
+                            " / ".join(_EMA_KEYS))
+        if num_classes is None:
+            num_classes = _classifier_rows(model_name, unwrap_state_dict(raw, use_ema=use_ema))
+            if num_classes is not None:
+                _logger.info("num_classes=%d, from the checkpoint's classifier", num_classes)
     if num_classes is not None:
+        if num_classes < 0:
+            raise ToolError(f"--num-classes must be >= 0, got {num_classes}")
         model_kwargs["num_classes"] = num_classes
     model = timm.create_model(model_name, **model_kwargs)
     if checkpoint is not None:
@@ -98,6 +113,18 @@ def eval_transform(model: nn.Module, img_size: Optional[int] = None, crop_pct: O
     cfg = resolve_data_config(args, model=model)
     transform = create_transform(**cfg, is_training=False)
     return cfg, transform
+
+
+def checkpoint_classes(checkpoint: PathLike, num_classes: int) -> Optional[list[str]]:
+    """The class names an ``elsa train`` checkpoint stores under ``classes`` (e.g. the image folder's class
+    folders), when there are ``num_classes`` of them; None for files without them (official, .safetensors)."""
+    if Path(checkpoint).suffix == ".safetensors":
+        return None
+    raw = read_state_dict(checkpoint)
+    classes = raw.get("classes") if isinstance(raw, dict) else None
+    if isinstance(classes, (list, tuple)) and len(classes) == num_classes and all(isinstance(c, str) for c in classes):
+        return list(classes)
+    return None
 
 
 def load_image(path: PathLike) -> Image.Image:
@@ -160,5 +187,6 @@ def parse_ints(text: str, name: str, count: Optional[int] = None) -> Sequence[in
     return values
 
 
-__all__ = ["Autocast", "CheckpointError", "ToolError", "class_names", "create_model_from_checkpoint",
+__all__ = ["Autocast", "CheckpointError", "ToolError", "checkpoint_classes", "class_names",
+           "create_model_from_checkpoint",
            "eval_transform", "infer_num_classes", "load_image", "parse_ints", "resolve_device"]

@@ -70,31 +70,36 @@ def plot_curves(run_dir: PathLike, out: Optional[PathLike] = None, dpi: int = 11
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
+    # (key, label, line style); the *_ema series are written by `elsa train --model-ema`.
     panels = [
-        ("loss", [("train_loss", "train"), ("val_loss", "val")], False),
-        ("accuracy (%)", [("val_top1", "val top-1"), ("val_top5", "val top-5")], False),
-        ("learning rate", [("lr", "lr")], True),
+        ("loss", [("train_loss", "train", "-"), ("val_loss", "val", "-"), ("val_loss_ema", "val (EMA)", "--")], False),
+        ("accuracy (%)", [("val_top1", "val top-1", "-"), ("val_top5", "val top-5", "-"),
+                          ("val_top1_ema", "val top-1 (EMA)", "--"), ("val_top5_ema", "val top-5 (EMA)", "--")], False),
+        ("learning rate", [("lr", "lr", "-")], True),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
     for ax, (ylabel, keys, log) in zip(axes, panels):
-        drawn = False
-        for key, label in keys:
+        drawn = 0
+        for key, label, style in keys:
             xs, ys = _series(records, key)
-            if xs:
-                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
-                drawn = True
-                if key == "val_top1":
-                    best = max(range(len(ys)), key=ys.__getitem__)
-                    ax.annotate(f"best {ys[best]:.2f} @ {xs[best]}", (xs[best], ys[best]), xytext=(0, -14),
-                                textcoords="offset points", fontsize=8, ha="center")
+            if not xs:
+                continue
+            if key.startswith("val_top1"):
+                best = max(range(len(ys)), key=ys.__getitem__)
+                label = f"{label} (best {ys[best]:.2f} @ {xs[best]})"
+            ax.plot(xs, ys, style, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+            drawn += 1
         if not drawn:
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
         elif log and all(y > 0 for y in _series(records, keys[0][0])[1]):
             ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if drawn and len(keys) > 1:
+        if drawn > 1 or (drawn and len(keys) > 1):
             ax.legend(fontsize=8)
     fig.suptitle(f"{run.name}: {len(records)} epochs", fontsize=10)
     fig.tight_layout()
