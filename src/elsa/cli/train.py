@@ -59,7 +59,7 @@ def add_parser(subparsers) -> None:
     _flag(g, "--initial-checkpoint", metavar="FILE", help="start from these weights (a differently sized "
                                                            "classifier is left at its init)")
     _flag(g, "--resume", metavar="FILE", help="resume a run from its last.pth (model, optimizer, schedule, EMA, "
-                                              "scaler, epoch, RNG)")
+                                              "scaler, epoch, RNG); its options are reused unless given again")
     _flag(g, "--num-classes", type=int, metavar="N", help="classifier size (default: number of class folders)")
     _flag(g, "--drop", type=float, metavar="P", help="dropout before the classifier (default 0)")
     _flag(g, "--drop-path", type=float, metavar="P", help="stochastic depth rate (default: the model's)")
@@ -117,6 +117,8 @@ def add_parser(subparsers) -> None:
     _flag(g, "--seed", type=int, help=f"random seed (default {d.seed})")
     _flag(g, "--output", metavar="DIR", help="parent folder of run folders (default output/train)")
     _flag(g, "--experiment", metavar="NAME", help="run folder name (default: date-model-size)")
+    _flag(g, "--stop-after-epochs", type=int, metavar="N", help="end this run after N epochs (the schedule still "
+                                                                "spans --epochs); continue later with --resume")
     _flag(g, "--log-interval", type=int, help=argparse.SUPPRESS)
     _on(g, "--log-tensorboard", help="also write TensorBoard events to RUN_DIR/events (needs tensorboard)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bar")
@@ -142,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = build_config(options_from_args(args))
         result = train(cfg)
-    except (DatasetError, CheckpointError, ValueError, FileNotFoundError) as err:
+    except (DatasetError, CheckpointError, ValueError, FileNotFoundError, ImportError) as err:
         _logger.debug("details", exc_info=True)
         _logger.error("%s", err)
         return 2

@@ -62,7 +62,7 @@ class TrainConfig:
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     epochs: int = 100
-    warmup_epochs: int = 5
+    warmup_epochs: int = 0
     cooldown_epochs: int = 0
     decay_epochs: float = 30.0
     decay_rate: float = 0.1
@@ -105,6 +105,7 @@ class TrainConfig:
     log_interval: int = 50
     log_tensorboard: bool = False
     progress: bool = True
+    stop_after_epochs: Optional[int] = None  # end this run early; the schedule still spans --epochs
     max_steps_per_epoch: Optional[int] = None  # hidden: stop each epoch early (tests)
     save_rank_params: Optional[str] = None  # hidden: folder where every rank saves its final params (DDP test)
     recipe: Optional[str] = None
@@ -151,23 +152,37 @@ def load_config_file(path: os.PathLike) -> Dict[str, Any]:
     return _read_yaml(path, "--config")
 
 
-def build_config(cli: Dict[str, Any]) -> TrainConfig:
-    """Merge defaults < recipe < config file < command line options (only those given) into a ``TrainConfig``.
+# Options of a resumed run that describe that one invocation, not the training: not taken from the checkpoint.
+_NOT_RESUMED = ("resume", "output", "experiment", "stop_after_epochs", "config", "save_rank_params")
 
-    With no data and no recipe, the ``digits`` recipe applies (``elsa train`` alone trains on the digits).
+
+def resumed_options(path: os.PathLike) -> Dict[str, Any]:
+    """The options stored in an ``elsa train`` checkpoint (so ``--resume FILE`` alone continues the same run)."""
+    from .checkpoint import load_training_checkpoint
+
+    args = load_training_checkpoint(path).get("args") or {}
+    return {k: v for k, v in args.items() if k in FIELDS and k not in _NOT_RESUMED}
+
+
+def build_config(cli: Dict[str, Any]) -> TrainConfig:
+    """Merge defaults < options of the --resume checkpoint < recipe < config file < command line options (only
+    those given) into a ``TrainConfig``.
+
+    With no data, no recipe and no --resume, the ``digits`` recipe applies (``elsa train`` alone trains on the
+    digits).
     """
     cli = {k: v for k, v in cli.items() if k in FIELDS}
     recipe = cli.get("recipe")
     config_path = cli.get("config")
     file_values = load_config_file(config_path) if config_path else {}
     recipe = recipe or file_values.get("recipe")
-    data = cli.get("data", file_values.get("data"))
-    if recipe is None and data in (None, "digits"):
+    resume = cli.get("resume", file_values.get("resume"))
+    values: Dict[str, Any] = resumed_options(resume) if resume else {}
+    data = cli.get("data", file_values.get("data", values.get("data")))
+    if recipe is None and data in (None, "digits") and not resume:
         recipe = "digits"
-    values: Dict[str, Any] = {}
     if recipe:
         values.update(load_recipe(recipe))
-        values["recipe"] = recipe
     values.update(file_values)
     values.update(cli)
     if recipe:
@@ -187,7 +202,7 @@ def validate_config(cfg: TrainConfig) -> None:
     for name in ("batch_size", "epochs", "lr"):
         positive(name)
     for name in ("validation_batch_size", "train_subset", "val_subset", "max_steps_per_epoch", "num_classes",
-                 "img_size", "lr_base_size", "threads"):
+                 "img_size", "lr_base_size", "threads", "stop_after_epochs"):
         positive(name, allow_none=True)
     if cfg.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {cfg.workers}")

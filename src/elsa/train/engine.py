@@ -313,7 +313,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
                      num_epochs, steps_per_epoch, global_batch, info.world_size)
 
     last: Dict[str, Any] = {}
-    for epoch in range(start_epoch, num_epochs):
+    end_epoch = num_epochs if not cfg.stop_after_epochs else min(num_epochs, start_epoch + cfg.stop_after_epochs)
+    for epoch in range(start_epoch, end_epoch):
         sampler.set_epoch(epoch)
         if mixup_fn is not None and cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch:
             mixup_fn.mixup_enabled = False
@@ -375,20 +376,24 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
         last = row
         barrier(info)
 
-    if info.is_main:
+    if end_epoch < num_epochs:
+        _logger.info("--stop-after-epochs %d: stopping after epoch %d of %d; continue with --resume %s",
+                     cfg.stop_after_epochs, end_epoch, num_epochs, (run_dir or Path(".")) / "last.pth")
+    elif info.is_main:
         meta = {"arch": cfg.model, "num_classes": str(num_classes), "epochs": str(num_epochs)}
         save_safetensors(model.state_dict(), run_dir / "model.safetensors", metadata=meta)
         if ema is not None:
             save_safetensors(ema.module.state_dict(), run_dir / "model_ema.safetensors", metadata=meta)
-        log.close()
         _logger.info("done: best top-1 %.2f at epoch %d; weights %s", best_top1, best_epoch,
                      run_dir / "model.safetensors")
+    if log is not None:
+        log.close()
     if cfg.save_rank_params:
         out = Path(cfg.save_rank_params)
         out.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / f"rank{info.rank}.pt")
     barrier(info)
-    return TrainResult(run_dir, num_epochs, best_top1, best_epoch, last)
+    return TrainResult(run_dir, end_epoch, best_top1, best_epoch, last)
 
 
 def train_one_epoch(epoch: int, num_epochs: int, model: nn.Module, loader, steps: int, optimizer, scheduler,

@@ -27,7 +27,7 @@ def require_tensorboard():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except (ImportError, ModuleNotFoundError) as err:
-        raise RuntimeError("--log-tensorboard needs the tensorboard package (pip install tensorboard); "
+        raise ModuleNotFoundError("--log-tensorboard needs the tensorboard package (pip install tensorboard); "
                            f"importing torch.utils.tensorboard failed: {err}") from err
     return SummaryWriter
 
