@@ -135,6 +135,11 @@ def test_validate_errors(data, checkpoints, tmp_path, capsys):
     rc = main(["validate", str(data), "--model", MODEL, "--checkpoint", str(no_ema), "--num-classes", "5"])
     assert rc == 2 and "shape mismatch for head.weight" in capsys.readouterr().err
 
+    two = tmp_path / "two.safetensors"  # a 2-class model cannot score 3 class folders
+    save_safetensors(timm.create_model(MODEL, num_classes=2).state_dict(), two)
+    rc = main(["validate", str(data), "--model", MODEL, "--checkpoint", str(two), "-j", "0", "--no-progress"])
+    assert rc == 2 and "the data has label 2 but the model has 2 classes" in capsys.readouterr().err
+
     rc = main(["validate", str(tmp_path / "missing"), "--model", MODEL, "--checkpoint", str(no_ema)])
     assert rc == 2 and "DATA" in capsys.readouterr().err
 
@@ -248,3 +253,16 @@ def test_plot_curves(tmp_path, capsys):
         assert img.format == "PNG" and img.width >= 800 and img.height >= 300
     assert main(["plot", str(run), "--out", str(tmp_path / "c.jpg")]) == 2
 
+
+
+def test_class_names_sources(tmp_path):
+    from elsa.tools import ToolError, class_names
+
+    imagenet = class_names(1000)
+    assert len(imagenet) == 1000 and imagenet[0].startswith("tench") and imagenet[999].startswith("toilet tissue")
+    assert class_names(10) is None
+    listed = tmp_path / "names.json"
+    listed.write_text(json.dumps(["cat", "dog"]))
+    assert class_names(2, listed) == ["cat", "dog"]
+    with pytest.raises(ToolError, match="--class-names"):
+        class_names(2, tmp_path / "absent.txt")

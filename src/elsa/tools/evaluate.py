@@ -50,36 +50,39 @@ def evaluate(
     device = torch.device(device)
     model.eval()
     autocast = Autocast(amp, device)
-    correct1 = correct5 = 0
-    loss_sum = 0.0
+    # Sums stay on the device (no host sync per batch); labels are range-checked on the host (loader output).
+    correct1 = torch.zeros((), dtype=torch.int64, device=device)
+    correct5 = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    topk = None
+    num_classes = topk = None
     start = time.perf_counter()
     for images, labels in (wrap(loader) if wrap is not None else loader):
+        low, high = (int(labels.min()), int(labels.max())) if labels.numel() else (0, -1)
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         with autocast():
             logits = model(images)
         logits = logits.float()
-        num_classes = logits.shape[-1]
-        if topk is None:
+        if num_classes is None:
+            num_classes = logits.shape[-1]
             topk = min(5, num_classes)
-        if int(labels.max()) >= num_classes or int(labels.min()) < 0:
-            raise ToolError(f"the data has label {int(labels.max())} but the model has only {num_classes} classes "
-                            f"(check --num-classes and that DATA's class folders match the checkpoint)")
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        pred = logits.topk(topk, dim=1).indices
-        hit = pred == labels[:, None]
-        correct1 += int(hit[:, 0].sum())
-        correct5 += int(hit.any(dim=1).sum())
+        if low < 0 or high >= num_classes:
+            raise ToolError(f"the data has label {high if high >= num_classes else low} but the model has "
+                            f"{num_classes} classes (check --num-classes and that DATA's class folders match the "
+                            f"checkpoint's classes)")
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+        hit = logits.topk(topk, dim=1).indices == labels[:, None]
+        correct1 += hit[:, 0].sum()
+        correct5 += hit.any(dim=1).sum()
         count += labels.numel()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     if count == 0:
         raise ToolError("the data set is empty: nothing to evaluate")
-    return EvalResult(top1=100.0 * correct1 / count, top5=100.0 * correct5 / count, loss=loss_sum / count,
-                      num_images=count, time_s=elapsed, topk=topk or 5)
+    return EvalResult(top1=100.0 * int(correct1) / count, top5=100.0 * int(correct5) / count,
+                      loss=float(loss_sum) / count, num_images=count, time_s=elapsed, topk=topk or 5)
 
 
 def resolve_split(data: PathLike, split: Optional[str] = None) -> Path:
