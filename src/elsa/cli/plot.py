@@ -1,4 +1,4 @@
-"""``elsa plot``: learning curves (train/val loss, val top-1/top-5, learning rate) of a training run, as a PNG."""
+"""`elsa plot`: learning curves (train/val loss, val top-1/top-5, learning rate) of a training run, as a PNG."""
 from __future__ import annotations
 
 import argparse

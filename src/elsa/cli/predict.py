@@ -1,4 +1,4 @@
-"""``elsa predict``: the top-k classes of each image, as text or JSON.
+"""`elsa predict`: the top-k classes of each image, as text or JSON.
 
 Images are preprocessed as the model's pretrained_cfg says (input size, crop_pct, interpolation, mean/std).
 Class names: those of --class-names FILE, else ImageNet-1k's when the head has 1000 classes, else the ones an

@@ -1,8 +1,8 @@
-"""``elsa validate``: top-1/top-5 accuracy and loss of a checkpoint on an image folder or the digits set.
+"""`elsa validate`: top-1/top-5 accuracy and loss of a checkpoint on an image folder or the digits set.
 
 Accepts the official README's command line verbatim, e.g.
-``elsa validate /data/imagenet --model elsa_swin_base --checkpoint elsa_swin_base.pth --no-test-pool --apex-amp
---img-size 224 -b 128 --use-ema``.
+`elsa validate /data/imagenet --model elsa_swin_base --checkpoint elsa_swin_base.pth --no-test-pool --apex-amp
+--img-size 224 -b 128 --use-ema`.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``elsa visualize``: what one ELSA block attends to at a few pixels of an image, as a PNG.
+"""`elsa visualize`: what one ELSA block attends to at a few pixels of an image, as a PNG.
 
 For each chosen pixel: each head's K x K Hadamard attention (softmax), the head's ghost head (m ** lam and/or
 d * gamma, averaged over the head's channels; the same at every pixel) and the combined filter mean(m * a + d).
