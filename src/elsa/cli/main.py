@@ -18,6 +18,7 @@ SUBCOMMANDS = [
     "elsa.cli.visualize",
     "elsa.cli.plot",
     "elsa.cli.seg",
+    "elsa.cli.det",
 ]
 
 

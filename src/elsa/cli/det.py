@@ -1,0 +1,238 @@
+"""``elsa det train|test|predict``: COCO detection and instance segmentation with ELSA-Swin Mask R-CNN and
+Cascade Mask R-CNN (the official ELSA-Swin COCO recipes)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Dict
+
+_logger = logging.getLogger("elsa.det")
+
+
+def _recipe(args: argparse.Namespace, meta_recipe: Dict[str, Any] | None = None):
+    from elsa.dense.recipes_det import DetRecipe, get_recipe
+
+    overrides: Dict[str, Any] = {}
+    if getattr(args, "num_classes", None) is not None:
+        overrides["num_classes"] = args.num_classes
+    if getattr(args, "backbone_kwargs", None):
+        try:
+            overrides["backbone_kwargs"] = json.loads(args.backbone_kwargs)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--backbone-kwargs must be a JSON object, got {args.backbone_kwargs!r}: {e}")
+    if getattr(args, "iters", None) is not None:
+        overrides["max_iters"] = args.iters
+    if getattr(args, "batch_size", None) is not None:
+        overrides["batch_size"] = args.batch_size
+    if getattr(args, "workers", None) is not None:
+        overrides["workers"] = args.workers
+    if getattr(args, "lr", None) is not None:
+        overrides["lr"] = args.lr
+    if getattr(args, "train_scales", None):
+        overrides["train_scales"] = tuple(int(s) for s in args.train_scales.split(","))
+    if getattr(args, "test_size", None):
+        short, long = (int(s) for s in args.test_size.split(","))
+        overrides["test_size"] = (short, long)
+    if getattr(args, "no_amp", False):
+        overrides["amp"] = False
+    if meta_recipe is not None and args.recipe is None:
+        return DetRecipe.from_dict(meta_recipe).replace(**overrides)
+    return get_recipe(args.recipe or "mask_rcnn_elsa_swin_tiny_1x", **overrides)
+
+
+def _print_metrics(metrics: Dict[str, Dict[str, Any]]) -> None:
+    for iou_type, stats in metrics.items():
+        print(f"== {iou_type} ==")
+        print(stats.get("table", ""))
+    keys = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    print("| type | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for iou_type, stats in metrics.items():
+        print(f"| {iou_type} | " + " | ".join(f"{100 * stats[k]:.1f}" for k in keys) + " |")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from elsa.dense.detection import build_detector
+    from elsa.dense.detection.data import build_datasets
+    from elsa.dense.detection.engine import train
+
+    recipe = _recipe(args)
+    torch.manual_seed(args.seed)
+    splits = ("train", "val") if args.eval else ("train",)
+    datasets = build_datasets(args.data, recipe, splits=splits,
+                              ann_files={k: v for k, v in (("train", args.train_ann), ("val", args.val_ann)) if v},
+                              img_dirs={k: v for k, v in (("train", args.train_images), ("val", args.val_images)) if v})
+    n_classes = len(datasets["train"].classes)
+    if n_classes != recipe.num_classes:
+        _logger.info("dataset has %d categories; num_classes %d -> %d", n_classes, recipe.num_classes, n_classes)
+        recipe = recipe.replace(num_classes=n_classes)
+    model = build_detector(recipe)
+    if args.pretrained:
+        report = model.backbone.body.load_pretrained(args.pretrained)
+        _logger.info("pretrained backbone: %d tensors missing, %d unused", len(report.missing), len(report.unexpected))
+    output = Path(args.output or f"output/det/{recipe.name}")
+    summary = train(model, recipe, datasets["train"], output, val_set=datasets.get("val"), resume=args.resume,
+                    eval_interval=args.eval_interval, progress=not args.no_progress)
+    stats = {"bbox_train": dict(datasets["train"].stats)}
+    print(f"trained {summary['iterations']} iterations ({summary['epochs']} epochs) in {summary['seconds']:.0f}s; "
+          f"checkpoint {summary['checkpoint']}; data cleaning: {stats['bbox_train']}")
+    if summary["metrics"]:
+        _print_metrics(summary["metrics"])
+    return 0
+
+
+def _load_model(args: argparse.Namespace):
+    import torch
+
+    from elsa.dense.detection import build_detector
+    from elsa.dense.detection.engine import load_model_checkpoint
+
+    if not Path(args.checkpoint).is_file():
+        raise SystemExit(f"--checkpoint {args.checkpoint}: file not found")
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    recipe = _recipe(args, state.get("recipe") if isinstance(state, dict) else None)
+    meta = state.get("meta", {}) if isinstance(state, dict) else {}
+    if meta.get("classes") and args.num_classes is None:
+        recipe = recipe.replace(num_classes=len(meta["classes"]))
+    model = build_detector(recipe)
+    load_model_checkpoint(model, args.checkpoint)
+    return model, recipe, meta
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from elsa.dense.detection.data import CocoInstances, coco_paths
+    from elsa.dense.detection.engine import evaluate, init_distributed
+    from elsa.io import atomic_write
+
+    rank, _, device = init_distributed()
+    if args.device:
+        import torch
+        device = torch.device(args.device)
+    model, recipe, _ = _load_model(args)
+    model.to(device)
+    ann, img = coco_paths(args.data, args.split) if not (args.ann and args.images) else (args.ann, args.images)
+    dataset = CocoInstances(args.ann or ann, args.images or img, train=False)
+    metrics = evaluate(model, dataset, recipe, device=device, progress=not args.no_progress)
+    if rank == 0:
+        _print_metrics(metrics)
+        out = Path(args.out or Path(args.checkpoint).with_suffix(".metrics.json"))
+        atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+        print(f"metrics written to {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+    from elsa.io import atomic_write
+
+    if not Path(args.image).is_file():
+        raise SystemExit(f"IMAGE {args.image}: file not found")
+    model, recipe, meta = _load_model(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device).eval()
+    with Image.open(args.image) as im:
+        arr = np.asarray(im.convert("RGB")).copy()
+    image = torch.from_numpy(arr).permute(2, 0, 1)
+    with torch.no_grad():
+        pred = model([image.float().div(255).to(device)])[0]
+    keep = pred["scores"] >= args.score_thr
+    boxes, labels, scores = pred["boxes"][keep].cpu(), pred["labels"][keep].cpu(), pred["scores"][keep].cpu()
+    classes = meta.get("classes") or [str(i) for i in range(1, recipe.num_classes + 1)]
+    names = [f"{classes[int(l) - 1]} {float(s):.2f}" for l, s in zip(labels, scores)]
+    canvas = image
+    if "masks" in pred and keep.any():
+        masks = pred["masks"][keep][:, 0].cpu() > recipe.mask_thresh
+        canvas = draw_segmentation_masks(canvas, masks, alpha=0.45)
+    if len(boxes):
+        canvas = draw_bounding_boxes(canvas, boxes, labels=names, colors="yellow", width=2)
+    out = Path(args.out)
+    atomic_write(out, lambda tmp: Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(tmp, format="PNG"))
+    for n, b in zip(names, boxes.tolist()):
+        print(f"{n}\t" + " ".join(f"{v:.1f}" for v in b))
+    print(f"{len(names)} detections (score >= {args.score_thr}) drawn to {out}")
+    if args.json:
+        recs = [{"label": classes[int(l) - 1], "score": float(s), "box_xyxy": [float(v) for v in b]}
+                for l, s, b in zip(labels, scores, boxes)]
+        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(recs, indent=2)))
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, recipe_default: str | None) -> None:
+    p.add_argument("--recipe", default=recipe_default,
+                   help="recipe name (see `elsa det recipes`); test/predict default: the one saved in the checkpoint")
+    p.add_argument("--num-classes", type=int, default=None, help="override the number of classes")
+    p.add_argument("--backbone-kwargs", default=None, help="JSON overrides of the backbone architecture (tests)")
+    p.add_argument("--test-size", default=None, help="SHORT,LONG test resize (default: recipe's 800,1333)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    det = subparsers.add_parser("det", help="COCO detection / instance segmentation (Mask R-CNN, Cascade)",
+                                description=__doc__)
+    sub = det.add_subparsers(dest="det_command", metavar="ACTION")
+
+    p = sub.add_parser("train", help="train a detector on a COCO-format dataset")
+    _common(p, "mask_rcnn_elsa_swin_tiny_1x")
+    p.add_argument("--data", required=True, help="ROOT with annotations/instances_{train,val}2017.json, {train,val}2017/")
+    p.add_argument("--train-ann", default=None)
+    p.add_argument("--train-images", default=None)
+    p.add_argument("--val-ann", default=None)
+    p.add_argument("--val-images", default=None)
+    p.add_argument("--pretrained", default=None, help="classification (or detection) checkpoint for the backbone")
+    p.add_argument("--output", default=None, help="output folder (default output/det/<recipe>)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pth")
+    p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True, help="evaluate on val at the end")
+    p.add_argument("--eval-interval", type=int, default=0, help="also evaluate every N epochs")
+    p.add_argument("--iters", type=int, default=None, help="total iterations instead of the recipe's epochs")
+    p.add_argument("--batch-size", type=int, default=None, help="images per GPU/process (official: 2)")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--train-scales", default=None, help="comma-separated short sides for training resize")
+    p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("test", help="COCO box/mask AP of a checkpoint")
+    _common(p, None)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--ann", default=None, help="annotation JSON (overrides the layout under --data)")
+    p.add_argument("--images", default=None, help="image folder (overrides the layout under --data)")
+    p.add_argument("--out", default=None, help="metrics JSON (default: CHECKPOINT.metrics.json)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("predict", help="draw detections and masks over one image (PNG)")
+    _common(p, None)
+    p.add_argument("image")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--json", default=None, help="also write the detections as JSON")
+    p.add_argument("--score-thr", type=float, default=0.3)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("recipes", help="list the detection recipes")
+    p.set_defaults(func=cmd_recipes)
+    det.set_defaults(func=lambda a: (det.print_help(), 2)[1])
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from elsa.dense.recipes_det import RECIPES
+
+    print("| recipe | detector | backbone | drop-path | epochs | lr steps | lr | wd |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in sorted(RECIPES.items()):
+        print(f"| {name} | {r.arch} | {r.backbone} | {r.drop_path_rate} | {r.epochs} | {list(r.lr_steps)} | "
+              f"{r.lr:g} | {r.weight_decay:g} |")
+    return 0

@@ -1,0 +1,264 @@
+"""COCO-format instance data for detection: reading, cleaning bad annotations (as mmdetection does), and the
+official ELSA-Swin training augmentation.
+
+Cleaning (counted in ``CocoInstances.stats``, never a crash):
+- images whose file is missing: skipped with a warning;
+- annotations: crowd (``iscrowd=1``) and unknown categories are not used for training; boxes are clipped to the
+  image; boxes with w or h < 1 or area <= 0, or no overlap with the image, are dropped; polygons with fewer than
+  3 points or zero area are dropped, and an instance left without any mask part is dropped;
+- training images left without annotations are skipped (mmdet's ``filter_empty_gt``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_logger = logging.getLogger(__name__)
+
+Target = Dict[str, Tensor]
+
+
+def coco_paths(root: Union[str, os.PathLike], split: str) -> Tuple[Path, Path]:
+    """(annotation json, image folder) of the COCO 2017 layout: ROOT/annotations/instances_{split}2017.json and
+    ROOT/{split}2017/ (falls back to instances_{split}.json and ROOT/{split}/ when those exist)."""
+    root = Path(root)
+    for ann, img in ((root / "annotations" / f"instances_{split}2017.json", root / f"{split}2017"),
+                     (root / "annotations" / f"instances_{split}.json", root / split)):
+        if ann.is_file():
+            return ann, img
+    raise FileNotFoundError(f"--data {root}: expected {root}/annotations/instances_{split}2017.json "
+                            f"(and images in {root}/{split}2017/)")
+
+
+def _polygon_area(poly: Sequence[float]) -> float:
+    xs, ys = np.asarray(poly[0::2], dtype=np.float64), np.asarray(poly[1::2], dtype=np.float64)
+    return float(0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))
+
+
+class CocoInstances(torch.utils.data.Dataset):
+    """COCO instances as (image (3, H, W) float in [0, 1], target) pairs for torchvision detectors.
+
+    target: boxes (N, 4) xyxy float, labels (N,) int64 in 1..K (contiguous, categories sorted by id), masks
+    (N, H, W) uint8, image_id (int64), orig_size (2,). ``transforms(image, target) -> (image, target)``.
+    ``train=True`` drops crowd annotations and skips images left empty.
+    """
+
+    def __init__(self, ann_file: Union[str, os.PathLike], img_dir: Union[str, os.PathLike], train: bool,
+                 transforms: Optional[Callable] = None, filter_empty: Optional[bool] = None,
+                 check_files: bool = True) -> None:
+        self.ann_file, self.img_dir = Path(ann_file), Path(img_dir)
+        if not self.ann_file.is_file():
+            raise FileNotFoundError(f"ann_file {self.ann_file} does not exist")
+        with open(self.ann_file) as f:
+            data = json.load(f)
+        for key in ("images", "annotations", "categories"):
+            if key not in data:
+                raise ValueError(f"ann_file {self.ann_file}: not COCO instances format (no {key!r} list)")
+        self.train = train
+        self.transforms = transforms
+        self.categories = sorted(data["categories"], key=lambda c: c["id"])
+        self.cat_ids = [c["id"] for c in self.categories]
+        self.classes = [c["name"] for c in self.categories]
+        self.cat_to_label = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}
+        self.stats: Counter = Counter()
+        anns_by_image: Dict[int, List[dict]] = {}
+        for a in data["annotations"]:
+            anns_by_image.setdefault(a["image_id"], []).append(a)
+        filter_empty = train if filter_empty is None else filter_empty
+        self.items: List[Tuple[dict, List[dict]]] = []
+        for info in data["images"]:
+            self.stats["images_total"] += 1
+            if check_files and not (self.img_dir / info["file_name"]).is_file():
+                _logger.warning("image file missing, skipped: %s", self.img_dir / info["file_name"])
+                self.stats["images_missing"] += 1
+                continue
+            anns = self._clean(info, anns_by_image.get(info["id"], []))
+            if filter_empty and not anns:
+                self.stats["images_empty_skipped"] += 1
+                continue
+            self.items.append((info, anns))
+        _logger.info("%s: %d images used; %s", self.ann_file.name, len(self.items),
+                     ", ".join(f"{k}={v}" for k, v in sorted(self.stats.items())))
+
+    def _clean(self, info: dict, anns: List[dict]) -> List[dict]:
+        w, h = float(info["width"]), float(info["height"])
+        out = []
+        for a in anns:
+            self.stats["anns_total"] += 1
+            if a.get("iscrowd", 0):
+                self.stats["anns_crowd"] += 1
+                if self.train:
+                    continue
+            if a.get("category_id") not in self.cat_to_label:
+                self.stats["anns_bad_category"] += 1
+                continue
+            x, y, bw, bh = (float(v) for v in a["bbox"])
+            if bw < 1 or bh < 1 or a.get("area", bw * bh) <= 0:
+                self.stats["anns_degenerate_box"] += 1
+                continue
+            x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + bw, w), min(y + bh, h)
+            if x1 - x0 <= 0 or y1 - y0 <= 0:
+                self.stats["anns_outside_image"] += 1
+                continue
+            if (x0, y0, x1, y1) != (x, y, x + bw, y + bh):
+                self.stats["boxes_clipped"] += 1
+            seg = a.get("segmentation")
+            if isinstance(seg, list):
+                polys = [p for p in seg if len(p) >= 6 and len(p) % 2 == 0 and _polygon_area(p) > 0]
+                if len(polys) < len(seg):
+                    self.stats["polygons_degenerate"] += len(seg) - len(polys)
+                if not polys:
+                    self.stats["anns_no_valid_mask"] += 1
+                    continue
+                seg = polys
+            elif not isinstance(seg, dict):
+                self.stats["anns_no_valid_mask"] += 1
+                continue
+            out.append({"box": [x0, y0, x1, y1], "label": self.cat_to_label[a["category_id"]], "segmentation": seg,
+                        "iscrowd": int(a.get("iscrowd", 0))})
+        return out
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def image_info(self, index: int) -> dict:
+        return self.items[index][0]
+
+    def _decode_masks(self, anns: List[dict], h: int, w: int) -> Tensor:
+        from pycocotools import mask as mask_utils
+
+        masks = np.zeros((len(anns), h, w), dtype=np.uint8)
+        for i, a in enumerate(anns):
+            seg = a["segmentation"]
+            if isinstance(seg, list):
+                rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+            elif isinstance(seg.get("counts"), list):
+                rle = mask_utils.frPyObjects(seg, h, w)
+            else:
+                rle = seg
+            masks[i] = mask_utils.decode(rle)
+        return torch.from_numpy(masks)
+
+    def __getitem__(self, index: int) -> Tuple[Tensor, Target]:
+        from PIL import Image
+
+        info, anns = self.items[index]
+        path = self.img_dir / info["file_name"]
+        try:
+            with Image.open(path) as im:
+                img = np.asarray(im.convert("RGB"))
+        except OSError as e:  # unreadable file found late: never crash a long run on one bad image
+            _logger.warning("cannot read %s (%s); using the next image", path, e)
+            self.stats["images_unreadable"] += 1
+            if len(self) == 1:
+                raise
+            return self[(index + 1) % len(self)]
+        h, w = img.shape[:2]
+        if (h, w) != (info["height"], info["width"]):
+            self.stats["images_size_mismatch"] += 1
+        image = torch.from_numpy(img.copy()).permute(2, 0, 1).float().div_(255)
+        boxes = torch.tensor([a["box"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 0::2].clamp_(0, w)
+        boxes[:, 1::2].clamp_(0, h)
+        target = {"boxes": boxes, "labels": torch.tensor([a["label"] for a in anns], dtype=torch.int64),
+                  "masks": self._decode_masks(anns, h, w), "image_id": torch.tensor(int(info["id"])),
+                  "orig_size": torch.tensor([h, w])}
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+# ------------------------------------------------------------------------------------------------ transforms
+def _resize(image: Tensor, target: Target, short: int, max_size: int) -> Tuple[Tensor, Target]:
+    """Keep-ratio resize as mmcv.imrescale: scale = min(short / min(h, w), max_size / max(h, w))."""
+    h, w = image.shape[-2:]
+    scale = min(short / min(h, w), max_size / max(h, w))
+    nh, nw = max(int(h * scale + 0.5), 1), max(int(w * scale + 0.5), 1)
+    image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+    target = dict(target)
+    if len(target["boxes"]):
+        target["boxes"] = target["boxes"] * torch.tensor([nw / w, nh / h, nw / w, nh / h])
+    m = target["masks"]
+    target["masks"] = (F.interpolate(m[None].float(), size=(nh, nw), mode="nearest")[0].to(torch.uint8)
+                       if len(m) else m.new_zeros((0, nh, nw)))
+    return image, target
+
+
+def _flip(image: Tensor, target: Target) -> Tuple[Tensor, Target]:
+    w = image.shape[-1]
+    target = dict(target)
+    b = target["boxes"].clone()
+    b[:, [0, 2]] = w - target["boxes"][:, [2, 0]]
+    target["boxes"] = b
+    target["masks"] = target["masks"].flip(-1)
+    return image.flip(-1), target
+
+
+def _crop(image: Tensor, target: Target, crop_min: int, crop_max: int) -> Tuple[Tensor, Target]:
+    """mmdet RandomCrop(crop_type='absolute_range', allow_negative_crop=True): crop side in
+    [min(side, crop_min), min(side, crop_max)], boxes shifted and clipped, empty boxes dropped."""
+    h, w = image.shape[-2:]
+    ch = random.randint(min(h, crop_min), min(h, crop_max))
+    cw = random.randint(min(w, crop_min), min(w, crop_max))
+    y0, x0 = random.randint(0, h - ch), random.randint(0, w - cw)
+    target = dict(target)
+    b = target["boxes"] - torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
+    b[:, 0::2].clamp_(0, cw)
+    b[:, 1::2].clamp_(0, ch)
+    keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+    target["boxes"], target["labels"] = b[keep], target["labels"][keep]
+    target["masks"] = target["masks"][keep][:, y0:y0 + ch, x0:x0 + cw]
+    return image[:, y0:y0 + ch, x0:x0 + cw], target
+
+
+class TrainTransform:
+    """The official train pipeline: flip 0.5, then with equal chance either (a) resize the short side to one of
+    ``scales`` (long side <= max_size) or (b) resize to one of ``crop_prescales``, random crop with sides in
+    ``crop_size``, and resize to one of ``scales`` (mmdet AutoAugment of the DETR / Sparse R-CNN recipe)."""
+
+    def __init__(self, scales: Sequence[int], max_size: int, flip_prob: float = 0.5, detr_crop: bool = True,
+                 crop_prescales: Sequence[int] = (400, 500, 600), crop_size: Tuple[int, int] = (384, 600)) -> None:
+        self.scales, self.max_size, self.flip_prob = list(scales), max_size, flip_prob
+        self.detr_crop, self.crop_prescales, self.crop_size = detr_crop, list(crop_prescales), tuple(crop_size)
+
+    def __call__(self, image: Tensor, target: Target) -> Tuple[Tensor, Target]:
+        if random.random() < self.flip_prob:
+            image, target = _flip(image, target)
+        if self.detr_crop and random.random() < 0.5:
+            image, target = _resize(image, target, random.choice(self.crop_prescales), self.max_size)
+            image, target = _crop(image, target, *self.crop_size)
+        return _resize(image, target, random.choice(self.scales), self.max_size)
+
+
+def collate(batch: List[Tuple[Tensor, Target]]) -> Tuple[List[Tensor], List[Target]]:
+    """Detection batches are lists (images differ in size; the model pads them)."""
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+def build_datasets(data: Union[str, os.PathLike], recipe, splits: Sequence[str] = ("train", "val"),
+                   ann_files: Optional[Dict[str, str]] = None,
+                   img_dirs: Optional[Dict[str, str]] = None) -> Dict[str, CocoInstances]:
+    """Train/val datasets under the COCO layout of ``data`` (per-split paths may be overridden)."""
+    out = {}
+    for split in splits:
+        ann = (ann_files or {}).get(split)
+        img = (img_dirs or {}).get(split)
+        if ann is None or img is None:
+            dann, dimg = coco_paths(data, split)
+            ann, img = ann or dann, img or dimg
+        train = split == "train"
+        tf = TrainTransform(recipe.train_scales, recipe.max_size, recipe.flip_prob, recipe.detr_crop,
+                            recipe.crop_prescales, recipe.crop_size) if train else None
+        out[split] = CocoInstances(ann, img, train=train, transforms=tf)
+    return out

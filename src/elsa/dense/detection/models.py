@@ -1,0 +1,191 @@
+"""Mask R-CNN and Cascade Mask R-CNN with an ELSA-Swin backbone, built from torchvision's detection parts.
+
+Settings follow the official mmdetection configs (see ``elsa.dense.recipes_det``). Where torchvision's parts
+differ from mmdetection's we say so here rather than silently:
+- resizing: the dataset transforms do every training-time resize/crop (the official AutoAugment pipeline), so the
+  model's ``GeneralizedRCNNTransform`` only normalises and pads to a multiple of 32 in training; at test time it
+  resizes to ``test_size`` (short 800, long <= 1333, same scale rule as mmdet's keep-ratio Resize) and maps the
+  detections back to the original image, so evaluation sees original coordinates.
+- the Mask R-CNN box losses are torchvision's smooth-L1 (beta 1/9) where mmdet's config says L1; RoIAlign is
+  torchvision's (``aligned=False``) with ``sampling_ratio=0`` as mmdet's config.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from ..backbone import ELSASwinBackbone
+from ..recipes_det import DetRecipe
+from .cascade import CascadeRoIHeads
+
+_logger = logging.getLogger(__name__)
+
+
+class TimmBody(nn.Module):
+    """A timm ``features_only`` model as a list-of-NCHW-maps body (used by the benchmark for timm's Swin-T)."""
+
+    def __init__(self, name: str, img_size: Optional[Tuple[int, int]] = None, **kwargs) -> None:
+        super().__init__()
+        import timm
+
+        if img_size is not None:
+            kwargs["img_size"] = img_size
+        self.model = timm.create_model(name, pretrained=False, features_only=True, **kwargs)
+        self.out_channels = list(self.model.feature_info.channels())
+        self._nhwc = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        feats = self.model(x)
+        if self._nhwc:
+            feats = [f.permute(0, 3, 1, 2).contiguous() for f in feats]
+        return feats
+
+
+class BackboneWithFPN(nn.Module):
+    """body (list of maps at strides 4..32) -> FPN with a max-pooled 5th level (mmdet FPN num_outs=5,
+    add_extra_convs=False). Returns OrderedDict '0'..'3','pool' of (B, out_channels, H_i, W_i)."""
+
+    def __init__(self, body: nn.Module, in_channels: List[int], out_channels: int) -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(list(in_channels), out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+        for m in self.fpn.modules():  # mmdet's FPN init: Xavier uniform, zero bias
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        feats = self.body(x)
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
+
+
+class DetTransform(GeneralizedRCNNTransform):
+    """Normalise + pad to 32 always; resize only in eval mode (training images come resized by the dataset)."""
+
+    def resize(self, image: Tensor, target: Optional[Dict[str, Tensor]] = None):  # type: ignore[override]
+        if self.training:
+            return image, target
+        return super().resize(image, target)
+
+
+def build_body(recipe: DetRecipe, img_size: Optional[Tuple[int, int]] = None) -> nn.Module:
+    """The backbone named by the recipe: ``elsa_swin_*`` (ELSASwinBackbone) or ``timm:<name>`` (TimmBody)."""
+    if recipe.backbone.startswith("timm:"):
+        return TimmBody(recipe.backbone[5:], img_size=img_size, drop_path_rate=recipe.drop_path_rate,
+                        **recipe.backbone_kwargs)
+    body = ELSASwinBackbone.from_name(recipe.backbone, out_indices=(0, 1, 2, 3), frozen_stages=recipe.frozen_stages,
+                                      drop_path_rate=recipe.drop_path_rate, **recipe.backbone_kwargs)
+    if recipe.grad_checkpointing:
+        body.set_grad_checkpointing()
+    return body
+
+
+def _box_head(recipe: DetRecipe) -> nn.Module:
+    c, rep = recipe.fpn_channels, recipe.representation_size
+    if recipe.box_head == "2fc":
+        return TwoMLPHead(c * 7 * 7, rep)
+    if recipe.box_head == "4conv1fc":
+        return FastRCNNConvFCHead((c, 7, 7), [c] * 4, [rep], norm_layer=nn.BatchNorm2d)
+    raise ValueError(f"box_head must be '2fc' or '4conv1fc', got {recipe.box_head!r}")
+
+
+def build_detector(recipe: DetRecipe, body: Optional[nn.Module] = None,
+                   img_size: Optional[Tuple[int, int]] = None) -> MaskRCNN:
+    """Mask R-CNN (``recipe.arch == "mask_rcnn"``) or Cascade Mask R-CNN (``"cascade_mask_rcnn"``).
+
+    The model follows torchvision's contract: ``model(images: list of (3, H, W) floats in [0, 1], targets)``
+    returns a loss dict in training and a list of {boxes (N, 4) xyxy, labels (N,) in 1..num_classes, scores (N,),
+    masks (N, 1, H, W) probabilities} in eval mode, in the input images' coordinates.
+    """
+    if recipe.arch not in ("mask_rcnn", "cascade_mask_rcnn"):
+        raise ValueError(f"arch must be 'mask_rcnn' or 'cascade_mask_rcnn', got {recipe.arch!r}")
+    if recipe.num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {recipe.num_classes}")
+    body = body if body is not None else build_body(recipe, img_size=img_size)
+    backbone = BackboneWithFPN(body, list(body.out_channels), recipe.fpn_channels)
+    c = recipe.fpn_channels
+    n_levels = 5
+    if len(recipe.anchor_sizes) != n_levels:
+        raise ValueError(f"anchor_sizes must have {n_levels} entries (one per FPN level), got {recipe.anchor_sizes}")
+    anchors = AnchorGenerator(sizes=tuple((s,) for s in recipe.anchor_sizes),
+                              aspect_ratios=(tuple(recipe.aspect_ratios),) * n_levels)
+    rpn_head = RPNHead(c, len(recipe.aspect_ratios))
+    names = ["0", "1", "2", "3"]
+    box_pool = MultiScaleRoIAlign(names, output_size=7, sampling_ratio=0)
+    mask_pool = MultiScaleRoIAlign(names, output_size=14, sampling_ratio=0)
+    k = recipe.num_classes + 1  # torchvision: label 0 is background
+    model = MaskRCNN(
+        backbone, num_classes=None,
+        min_size=recipe.test_size[0], max_size=recipe.test_size[1],
+        image_mean=list(recipe.image_mean), image_std=list(recipe.image_std),
+        rpn_anchor_generator=anchors, rpn_head=rpn_head,
+        rpn_pre_nms_top_n_train=recipe.rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test=recipe.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=recipe.rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=recipe.rpn_post_nms_top_n_test,
+        rpn_nms_thresh=recipe.rpn_nms_thresh, rpn_fg_iou_thresh=recipe.rpn_fg_iou_thresh,
+        rpn_bg_iou_thresh=recipe.rpn_bg_iou_thresh, rpn_batch_size_per_image=recipe.rpn_batch_size_per_image,
+        rpn_positive_fraction=recipe.rpn_positive_fraction,
+        box_roi_pool=box_pool, box_head=_box_head(recipe), box_predictor=FastRCNNPredictor(recipe.representation_size, k),
+        box_score_thresh=recipe.box_score_thresh, box_nms_thresh=recipe.box_nms_thresh,
+        box_detections_per_img=recipe.box_detections_per_img,
+        box_fg_iou_thresh=0.5, box_bg_iou_thresh=0.5,
+        box_batch_size_per_image=recipe.box_batch_size_per_image, box_positive_fraction=recipe.box_positive_fraction,
+        bbox_reg_weights=tuple(1.0 / s for s in recipe.cascade_stds[0]),  # mmdet target_stds (0.1,0.1,0.2,0.2)
+        mask_roi_pool=mask_pool,
+        mask_head=MaskRCNNHeads(c, [recipe.mask_head_channels] * recipe.mask_head_convs, 1),
+        mask_predictor=MaskRCNNPredictor(recipe.mask_head_channels, recipe.mask_head_channels, k),
+    )
+    model.transform = DetTransform(recipe.test_size[0], recipe.test_size[1], list(recipe.image_mean),
+                                   list(recipe.image_std), size_divisible=32)
+    if recipe.arch == "cascade_mask_rcnn":
+        n = len(recipe.cascade_ious)
+        reg_k = 1 if recipe.cascade_class_agnostic else k
+        model.roi_heads = CascadeRoIHeads(
+            box_roi_pool=box_pool,
+            box_heads=nn.ModuleList([_box_head(recipe) for _ in range(n)]),
+            box_predictors=nn.ModuleList([CascadePredictor(recipe.representation_size, k, reg_k) for _ in range(n)]),
+            mask_roi_pool=mask_pool,
+            mask_heads=nn.ModuleList([MaskRCNNHeads(c, [recipe.mask_head_channels] * recipe.mask_head_convs, 1)
+                                      for _ in range(n)]),
+            mask_predictors=nn.ModuleList([MaskRCNNPredictor(recipe.mask_head_channels, recipe.mask_head_channels, k)
+                                           for _ in range(n)]),
+            stage_ious=recipe.cascade_ious, stage_stds=recipe.cascade_stds,
+            stage_weights=recipe.cascade_stage_weights, class_agnostic=recipe.cascade_class_agnostic,
+            box_loss=recipe.cascade_box_loss, box_loss_weight=recipe.cascade_box_loss_weight,
+            batch_size_per_image=recipe.box_batch_size_per_image, positive_fraction=recipe.box_positive_fraction,
+            score_thresh=recipe.box_score_thresh, nms_thresh=recipe.box_nms_thresh,
+            detections_per_img=recipe.box_detections_per_img,
+        )
+    return model
+
+
+class CascadePredictor(nn.Module):
+    """cls (num_classes + 1 logits) and box deltas ((reg_classes) x 4) from one stage's box features."""
+
+    def __init__(self, in_channels: int, num_classes: int, reg_classes: int) -> None:
+        super().__init__()
+        self.cls_score = nn.Linear(in_channels, num_classes)
+        self.bbox_pred = nn.Linear(in_channels, reg_classes * 4)
+        # mmdet's BBoxHead init: normal std 0.01 (cls) / 0.001 (reg), zero bias
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        x = x.flatten(1)
+        return self.cls_score(x), self.bbox_pred(x)
