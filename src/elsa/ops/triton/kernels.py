@@ -1,0 +1,311 @@
+"""Triton kernels for ELSA aggregation (spec section 1). Only ``@triton.jit`` functions live here.
+
+Notation: v (N, C, H, W), attention a (N, K*K, Ho, Wo), ghosts m, d (N, C, K, K), out and its gradient
+g (N, C, Ho, Wo). Neighbour k = i*K + j of output pixel (y, x) reads v at
+(y*S + (i - K//2)*R, x*S + (j - K//2)*R), zero outside the image. Every tensor is addressed through its
+strides, so non-contiguous views (a head split of a qkv projection, an expanded gradient) need no copy.
+
+All arithmetic is float32 whatever the storage dtype; results are cast on store.
+
+With ``SOFTMAX`` the attention pointer holds logits and the softmax over the K*K neighbours is done in
+registers: a first pass over k computes the running max and sum for the pixel tile, later passes turn each
+logit into a probability as it is loaded. The softmaxed map is never written.
+
+The op is memory-bound, so every kernel reads each input once per program and keeps the K*K loop inside the
+program: the re-reads of v at shifted positions (and of g in the backward) hit L1/L2, not DRAM.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# A finite "minus infinity" for the running max: a -inf start would make exp(-inf - -inf) = nan when a
+# logit is itself -inf (a masked neighbour).
+_NEG_BIG = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _split_pid(num_pixels, BLOCK_P: tl.constexpr):
+    """(outer index, pixel tile) of this program in a 1-D grid with pixel tiles varying fastest.
+
+    A 1-D grid has no 65535 limit (the y axis has: N * channel blocks reaches it at large batch), and
+    consecutive programs work on neighbouring tiles of one image, which share their shifted v rows in L2.
+    """
+    num_tiles = tl.cdiv(num_pixels, BLOCK_P)
+    pid = tl.program_id(0)
+    return pid // num_tiles, pid % num_tiles
+
+
+@triton.jit
+def _softmax_stats(a_base, a_off, mask_p, stride_ak, KK: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Online max and sum of exp over the KK logits of each pixel of the tile: (max, sum), each (BLOCK_P,)."""
+    mx = tl.full([BLOCK_P], _NEG_BIG, tl.float32)
+    sm = tl.zeros([BLOCK_P], tl.float32)
+    for k in range(KK):
+        x = tl.load(a_base + k * stride_ak + a_off, mask=mask_p, other=0.0).to(tl.float32)
+        new_mx = tl.maximum(mx, x)
+        sm = sm * tl.exp(mx - new_mx) + tl.exp(x - new_mx)
+        mx = new_mx
+    return mx, sm
+
+
+@triton.jit
+def elsa_fwd_kernel(
+    v_ptr, a_ptr, m_ptr, d_ptr, out_ptr,
+    C, H, W, Ho, Wo,
+    sv_n, sv_c, sv_h, sv_w,
+    sa_n, sa_k, sa_h, sa_w,
+    sm_n, sm_c, sm_i, sm_j,
+    sd_n, sd_c, sd_i, sd_j,
+    K: tl.constexpr, DIL: tl.constexpr, STRIDE: tl.constexpr,
+    HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr, SOFTMAX: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """out (N, C, Ho, Wo), contiguous. Grid: (N * channel blocks * pixel tiles,), pixel tiles fastest."""
+    pid_nc, pid_p = _split_pid(Ho * Wo, BLOCK_P)
+    num_cb = tl.cdiv(C, BLOCK_C)
+    n = (pid_nc // num_cb).to(tl.int64)
+    cb = pid_nc % num_cb
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < Ho * Wo
+    y = offs_p // Wo
+    x = offs_p % Wo
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+
+    a_base = a_ptr + n * sa_n
+    a_off = y * sa_h + x * sa_w
+    if SOFTMAX:
+        mx, sm = _softmax_stats(a_base, a_off, mask_p, sa_k, K * K, BLOCK_P)
+        inv_sm = 1.0 / sm
+
+    # Index arithmetic is hoisted out of the K*K loop by hand: the compiler would do it on a GPU, the CPU
+    # interpreter (where the tests run) pays for every integer op.
+    a_ptrs = a_base + a_off
+    v_base = v_ptr + n * sv_n + offs_c[:, None] * sv_c
+    m_base = m_ptr + n * sm_n + offs_c * sm_c
+    d_base = d_ptr + n * sd_n + offs_c * sd_c
+    mask_c2 = mask_c[:, None]
+    y0 = y * STRIDE - (K // 2) * DIL
+    x0 = x * STRIDE - (K // 2) * DIL
+    acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    for i in range(K):
+        yy = y0 + i * DIL
+        in_y = mask_p & (yy >= 0) & (yy < H)
+        v_row = v_base + (yy * sv_h)[None, :]
+        m_row = m_base + i * sm_i
+        d_row = d_base + i * sd_i
+        for j in range(K):
+            xx = x0 + j * DIL
+            inside = in_y & (xx >= 0) & (xx < W)
+            a = tl.load(a_ptrs, mask=mask_p, other=0.0).to(tl.float32)
+            a_ptrs += sa_k
+            if SOFTMAX:
+                a = tl.exp(a - mx) * inv_sm
+            vv = tl.load(v_row + (xx * sv_w)[None, :], mask=mask_c2 & inside[None, :], other=0.0).to(tl.float32)
+            if HAS_MUL:
+                mm = tl.load(m_row + j * sm_j, mask=mask_c, other=0.0).to(tl.float32)
+                f = mm[:, None] * a[None, :]
+            else:
+                f = a[None, :]
+            if HAS_ADD:
+                dd = tl.load(d_row + j * sd_j, mask=mask_c, other=0.0).to(tl.float32)
+                f = f + dd[:, None]
+            acc += vv * f
+
+    out_ptrs = out_ptr + (n * C + offs_c[:, None]) * (Ho * Wo) + offs_p[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
+
+
+@triton.jit
+def elsa_bwd_attn_kernel(
+    g_ptr, v_ptr, a_ptr, m_ptr, ga_ptr, gm_ptr, gd_ptr, lse_ptr,
+    C, H, W, Ho, Wo,
+    sg_n, sg_c, sg_h, sg_w,
+    sv_n, sv_c, sv_h, sv_w,
+    sa_n, sa_k, sa_h, sa_w,
+    sm_n, sm_c, sm_i, sm_j,
+    K: tl.constexpr, DIL: tl.constexpr, STRIDE: tl.constexpr,
+    HAS_MUL: tl.constexpr, SOFTMAX: tl.constexpr, WRITE_LSE: tl.constexpr,
+    NEED_ATTN: tl.constexpr, NEED_MUL: tl.constexpr, NEED_ADD: tl.constexpr,
+    ALL_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Gradients of attention (or logits), m and d. Grid: (N * pixel tiles,), pixel tiles fastest.
+
+    With prod[c, p] = g[n,c,p] * v_k[n,c,p] (v_k: v shifted to neighbour k):
+      ga[n,k,p] = sum_c prod * m[n,c,k]      (dp; with SOFTMAX, then p * (dp - sum_k p*dp))
+      gm[n,c,k] += sum_p prod * a[n,k,p]     (float32, atomically across pixel tiles)
+      gd[n,c,k] += sum_p prod
+    ga and the float32 gm/gd buffers are contiguous. With SOFTMAX and WRITE_LSE, lse (N, Ho*Wo) float32
+    receives max + log(sum exp) for the v-gradient kernel, and ga first holds dp, then is overwritten in place
+    by the logit gradient (the same program reads back what it wrote).
+    """
+    n, pid_p = _split_pid(Ho * Wo, BLOCK_P)
+    n = n.to(tl.int64)
+    KK: tl.constexpr = K * K
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < Ho * Wo
+    y = offs_p // Wo
+    x = offs_p % Wo
+
+    a_base = a_ptr + n * sa_n
+    a_off = y * sa_h + x * sa_w
+    g_base = g_ptr + n * sg_n + (y * sg_h + x * sg_w)[None, :]
+    v_base = v_ptr + n * sv_n
+    m_base = m_ptr + n * sm_n
+    ga_base = ga_ptr + n * KK * Ho * Wo + offs_p
+    gmd_base = (n * C) * KK
+    if SOFTMAX:
+        mx, sm = _softmax_stats(a_base, a_off, mask_p, sa_k, KK, BLOCK_P)
+        inv_sm = 1.0 / sm
+        if WRITE_LSE:
+            tl.store(lse_ptr + n * Ho * Wo + offs_p, mx + tl.log(sm), mask=mask_p)
+        pdp = tl.zeros([BLOCK_P], tl.float32)
+
+    if NEED_ATTN or NEED_MUL or NEED_ADD:
+        mask_p2 = mask_p[None, :]
+        y0 = y * STRIDE - (K // 2) * DIL
+        x0 = x * STRIDE - (K // 2) * DIL
+        a_ptrs = a_base + a_off
+        ga_ptrs = ga_base
+        if ALL_C:  # one channel block (C <= BLOCK_C): g is loaded once, not once per neighbour
+            offs_c_all = tl.arange(0, BLOCK_C)
+            g_all = tl.load(g_base + offs_c_all[:, None] * sg_c, mask=(offs_c_all < C)[:, None] & mask_p2,
+                            other=0.0).to(tl.float32)
+        for i in range(K):
+            yy = y0 + i * DIL
+            in_y = mask_p & (yy >= 0) & (yy < H)
+            v_row = v_base + yy * sv_h
+            m_row = m_base + i * sm_i
+            for j in range(K):
+                xx = x0 + j * DIL
+                inside = (in_y & (xx >= 0) & (xx < W))[None, :]
+                v_off = (v_row + xx * sv_w)[None, :]
+                if NEED_MUL or (NEED_ATTN and SOFTMAX):
+                    a = tl.load(a_ptrs, mask=mask_p, other=0.0).to(tl.float32)
+                    if SOFTMAX:
+                        a = tl.exp(a - mx) * inv_sm
+                a_ptrs += sa_k
+                dp = tl.zeros([BLOCK_P], tl.float32)
+                for c0 in range(0, C, BLOCK_C):
+                    offs_c = c0 + tl.arange(0, BLOCK_C)
+                    mask_c = offs_c < C
+                    mask_c2 = mask_c[:, None]
+                    if ALL_C:
+                        gg = g_all
+                    else:
+                        gg = tl.load(g_base + offs_c[:, None] * sg_c, mask=mask_c2 & mask_p2,
+                                     other=0.0).to(tl.float32)
+                    vv = tl.load(v_off + offs_c[:, None] * sv_c, mask=mask_c2 & inside, other=0.0).to(tl.float32)
+                    prod = gg * vv
+                    if NEED_ATTN:
+                        if HAS_MUL:
+                            mm = tl.load(m_row + j * sm_j + offs_c * sm_c, mask=mask_c, other=0.0).to(tl.float32)
+                            dp += tl.sum(prod * mm[:, None], axis=0)
+                        else:
+                            dp += tl.sum(prod, axis=0)
+                    if NEED_MUL or NEED_ADD:
+                        gmd_off = gmd_base + offs_c * KK + (i * K + j)
+                    if NEED_MUL:
+                        tl.atomic_add(gm_ptr + gmd_off, tl.sum(prod * a[None, :], axis=1), mask=mask_c,
+                                      sem="relaxed")
+                    if NEED_ADD:
+                        tl.atomic_add(gd_ptr + gmd_off, tl.sum(prod, axis=1), mask=mask_c, sem="relaxed")
+                if NEED_ATTN:
+                    tl.store(ga_ptrs, dp.to(ga_ptr.dtype.element_ty), mask=mask_p)
+                    if SOFTMAX:
+                        pdp += a * dp
+                ga_ptrs += Ho * Wo
+
+    if SOFTMAX and NEED_ATTN:
+        # Softmax backward: d logit_k = p_k * (dp_k - sum_k' p_k' dp_k'), with dp read back from ga, where
+        # this program wrote it above (through L1/L2). The barrier makes every thread's stores visible to the
+        # threads that read them back, whatever layouts the compiler gave the two accesses.
+        tl.debug_barrier()
+        a_ptrs = a_base + a_off
+        ga_ptrs = ga_base
+        for k in range(KK):
+            a = tl.load(a_ptrs, mask=mask_p, other=0.0).to(tl.float32)
+            a = tl.exp(a - mx) * inv_sm
+            dp = tl.load(ga_ptrs, mask=mask_p, other=0.0).to(tl.float32)
+            tl.store(ga_ptrs, (a * (dp - pdp)).to(ga_ptr.dtype.element_ty), mask=mask_p)
+            a_ptrs += sa_k
+            ga_ptrs += Ho * Wo
+
+
+@triton.jit
+def elsa_bwd_v_kernel(
+    g_ptr, a_ptr, m_ptr, d_ptr, lse_ptr, gv_ptr,
+    C, H, W, Ho, Wo,
+    sg_n, sg_c, sg_h, sg_w,
+    sa_n, sa_k, sa_h, sa_w,
+    sm_n, sm_c, sm_i, sm_j,
+    sd_n, sd_c, sd_i, sd_j,
+    K: tl.constexpr, DIL: tl.constexpr, STRIDE: tl.constexpr,
+    HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr, SOFTMAX: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Gradient of v, gathered (no atomics). Grid: (N * channel blocks * input pixel tiles,), pixel tiles fastest.
+
+    Input pixel (py, px) is neighbour k = (i, j) of output q = ((py - (i-K//2)*R) / S, (px - (j-K//2)*R) / S)
+    when both divisions are exact and q lies in the output map:
+      gv[n,c,p] = sum_k g[n,c,q] * (m[n,c,k] * a[n,k,q] + d[n,c,k]).
+    gv (N, C, H, W) is contiguous.
+    """
+    pid_nc, pid_p = _split_pid(H * W, BLOCK_P)
+    num_cb = tl.cdiv(C, BLOCK_C)
+    n = (pid_nc // num_cb).to(tl.int64)
+    cb = pid_nc % num_cb
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < H * W
+    py = offs_p // W
+    px = offs_p % W
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+
+    a_base = a_ptr + n * sa_n
+    g_base = g_ptr + n * sg_n + offs_c[:, None] * sg_c
+    m_base = m_ptr + n * sm_n + offs_c * sm_c
+    d_base = d_ptr + n * sd_n + offs_c * sd_c
+    lse_base = lse_ptr + n * Ho * Wo
+    mask_c2 = mask_c[:, None]
+    # ty = py - (i - K//2)*R: the output row (times S) that sees this pixel as neighbour row i.
+    ty0 = py + (K // 2) * DIL
+    tx0 = px + (K // 2) * DIL
+    acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    for i in range(K):
+        ty = ty0 - i * DIL
+        qy = ty // STRIDE
+        ok_y = mask_p & (ty >= 0) & (qy < Ho)
+        if STRIDE > 1:
+            ok_y = ok_y & (ty % STRIDE == 0)
+        a_row = a_base + (i * K) * sa_k + qy * sa_h
+        g_row = g_base + (qy * sg_h)[None, :]
+        lse_row = lse_base + qy * Wo
+        m_row = m_base + i * sm_i
+        d_row = d_base + i * sd_i
+        for j in range(K):
+            tx = tx0 - j * DIL
+            qx = tx // STRIDE
+            ok = ok_y & (tx >= 0) & (qx < Wo)
+            if STRIDE > 1:
+                ok = ok & (tx % STRIDE == 0)
+            a = tl.load(a_row + j * sa_k + qx * sa_w, mask=ok, other=0.0).to(tl.float32)
+            if SOFTMAX:
+                a = tl.exp(a - tl.load(lse_row + qx, mask=ok, other=0.0))
+            gg = tl.load(g_row + (qx * sg_w)[None, :], mask=mask_c2 & ok[None, :], other=0.0).to(tl.float32)
+            if HAS_MUL:
+                mm = tl.load(m_row + j * sm_j, mask=mask_c, other=0.0).to(tl.float32)
+                f = mm[:, None] * a[None, :]
+            else:
+                f = a[None, :]
+            if HAS_ADD:
+                dd = tl.load(d_row + j * sd_j, mask=mask_c, other=0.0).to(tl.float32)
+                f = f + dd[:, None]
+            acc += gg * f
+
+    gv_ptrs = gv_ptr + (n * C + offs_c[:, None]) * (H * W) + offs_p[None, :]
+    tl.store(gv_ptrs, acc.to(gv_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])

@@ -1,0 +1,271 @@
+"""Launchers and custom-op registration for the Triton ELSA kernels (``kernels.py``).
+
+Three kernels make the operator (spec section 1):
+
+- ``elsa_fwd_kernel``: one program per (tile of output pixels, n, block of channels); the K*K loop runs
+  inside the program, so the attention of the tile is read once per channel block (once in total when
+  C <= BLOCK_C, the ELSA-Swin case: 32 channels per head), and v is gathered at shifted positions
+  through L1/L2.
+- ``elsa_bwd_attn_kernel``: one program per (tile of output pixels, n), looping over k and channel blocks;
+  writes the attention gradient, and reduces the ghost gradients over its pixels before one float32
+  ``atomic_add`` per (channel, k) (the only atomics; grad_v is gathered instead).
+- ``elsa_bwd_v_kernel``: one program per (tile of input pixels, n, block of channels), gathering from
+  the output positions whose neighbour k is the pixel (no atomics, deterministic).
+
+With the fused softmax (``softmax_aggregate``) the attention argument holds logits; the forward and both
+backward kernels recompute the softmax in registers. The attention-gradient kernel also writes the per-pixel
+log-sum-exp (N, Ho, Wo) float32 (1/K^2 of the logits' size) that the v-gradient kernel reuses, so the
+softmaxed map is never stored.
+
+The ops are registered with ``torch.library.custom_op`` (``elsa::triton_aggregate``,
+``elsa::triton_softmax_aggregate``, ``elsa::triton_aggregate_backward``) with fake implementations and an
+autograd formula, so ``torch.compile(fullgraph=True)`` traces them as opaque calls.
+
+Tensors are addressed through their strides (a head split of a qkv projection, an expanded gradient with
+zero strides, an expanded ghost): nothing is copied to make it contiguous.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from . import kernels
+
+__all__ = ["aggregate", "softmax_aggregate", "triton_aggregate", "triton_softmax_aggregate",
+           "triton_aggregate_backward"]
+
+# Largest channel block. Channels beyond it are split over programs (forward, grad_v) or looped inside
+# a program (grad_attn). 64 covers every ELSA-Swin head (32 channels) in one block.
+MAX_BLOCK_C = 64
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, so the choice of configs is made at the same
+# time: the CPU interpreter runs one small config (its cost grows with the number of configs benchmarked),
+# a GPU benchmarks a few pixel-tile sizes per shape.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs() -> list[triton.Config]:
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_P": 32}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK_P": 32}, num_warps=2),
+        triton.Config({"BLOCK_P": 64}, num_warps=4),
+        triton.Config({"BLOCK_P": 128}, num_warps=4),
+        triton.Config({"BLOCK_P": 128}, num_warps=8),
+        triton.Config({"BLOCK_P": 256}, num_warps=8),
+    ]
+
+
+_KEY = ["C", "H", "W", "Ho", "Wo", "K", "DIL", "STRIDE", "SOFTMAX"]
+_fwd = triton.autotune(configs=_configs(), key=_KEY)(kernels.elsa_fwd_kernel)
+# reset_to_zero: the ghost gradients are accumulated atomically, so every benchmarked run starts from zero.
+_bwd_attn = triton.autotune(configs=_configs(), key=_KEY + ["WRITE_LSE", "NEED_ATTN", "NEED_MUL", "NEED_ADD"],
+                            reset_to_zero=["gm_ptr", "gd_ptr"])(kernels.elsa_bwd_attn_kernel)
+_bwd_v = triton.autotune(configs=_configs(), key=_KEY)(kernels.elsa_bwd_v_kernel)
+
+
+def _on_device(t: Tensor):
+    """Triton launches on the current CUDA device: make it ``t``'s."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _block_c(c: int) -> int:
+    return min(triton.next_power_of_2(c), MAX_BLOCK_C)
+
+
+def _strides(t: Optional[Tensor]) -> tuple[int, int, int, int]:
+    return (0, 0, 0, 0) if t is None else tuple(t.stride())
+
+
+def _geometry(v: Tensor, attn: Tensor) -> tuple[int, int, int, int, int, int]:
+    n, c, h, w = v.shape
+    ho, wo = attn.shape[-2:]
+    return n, c, h, w, ho, wo
+
+
+def _forward(v: Tensor, attn: Tensor, ghost_mul: Optional[Tensor], ghost_add: Optional[Tensor],
+             kernel_size: int, dilation: int, stride: int, softmax: bool) -> Tensor:
+    n, c, h, w, ho, wo = _geometry(v, attn)
+    out = v.new_empty((n, c, ho, wo))
+    block_c = _block_c(c)
+    grid = lambda meta: (triton.cdiv(ho * wo, meta["BLOCK_P"]) * n * triton.cdiv(c, block_c),)  # noqa: E731
+    with _on_device(v):
+        _fwd[grid](
+            v, attn, ghost_mul if ghost_mul is not None else v, ghost_add if ghost_add is not None else v, out,
+            c, h, w, ho, wo,
+            *v.stride(), *attn.stride(), *_strides(ghost_mul), *_strides(ghost_add),
+            K=kernel_size, DIL=dilation, STRIDE=stride,
+            HAS_MUL=ghost_mul is not None, HAS_ADD=ghost_add is not None, SOFTMAX=softmax,
+            BLOCK_C=block_c,
+        )
+    return out
+
+
+def _backward(grad: Tensor, v: Tensor, attn: Tensor, ghost_mul: Optional[Tensor], ghost_add: Optional[Tensor],
+              kernel_size: int, dilation: int, stride: int, softmax: bool,
+              need_v: bool, need_attn: bool, need_mul: bool, need_add: bool
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    n, c, h, w, ho, wo = _geometry(v, attn)
+    kk = kernel_size * kernel_size
+    need_mul = need_mul and ghost_mul is not None
+    need_add = need_add and ghost_add is not None
+    # Custom-op outputs may not alias each other: a fresh empty tensor for each gradient not asked for.
+    empty = lambda: v.new_empty(0)  # noqa: E731
+    block_c = _block_c(c)
+    geometry = dict(K=kernel_size, DIL=dilation, STRIDE=stride, SOFTMAX=softmax, BLOCK_C=block_c)
+    m = ghost_mul if ghost_mul is not None else v
+    d = ghost_add if ghost_add is not None else v
+
+    ga = attn.new_empty((n, kk, ho, wo)) if need_attn else empty()
+    # Ghost gradients are sums over every pixel of the batch element: accumulated in float32.
+    gm = torch.zeros((n, c, kk), device=v.device, dtype=torch.float32) if need_mul else None
+    gd = torch.zeros((n, c, kk), device=v.device, dtype=torch.float32) if need_add else None
+    lse = torch.empty((n, ho, wo), device=v.device, dtype=torch.float32) if softmax and need_v else None
+
+    # Pointer arguments a kernel does not touch. Never an input: the autotuner zeroes gm_ptr and gd_ptr.
+    dummy = torch.empty(1, device=v.device, dtype=torch.float32)
+
+    with _on_device(v):
+        # Needed for attention/ghost gradients, and with the softmax also for the lse that grad_v uses.
+        if need_attn or need_mul or need_add or lse is not None:
+            grid = lambda meta: (triton.cdiv(ho * wo, meta["BLOCK_P"]) * n,)  # noqa: E731
+            _bwd_attn[grid](
+                grad, v, attn, m, ga if need_attn else dummy, gm if need_mul else dummy, gd if need_add else dummy,
+                lse if lse is not None else dummy,
+                c, h, w, ho, wo,
+                *grad.stride(), *v.stride(), *attn.stride(), *_strides(ghost_mul),
+                HAS_MUL=ghost_mul is not None, WRITE_LSE=lse is not None,
+                NEED_ATTN=need_attn, NEED_MUL=need_mul, NEED_ADD=need_add, ALL_C=c <= block_c,
+                **geometry,
+            )
+        gv = empty()
+        if need_v:
+            gv = v.new_empty((n, c, h, w))
+            grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]) * n * triton.cdiv(c, block_c),)  # noqa: E731
+            _bwd_v[grid](
+                grad, attn, m, d, lse if lse is not None else dummy, gv,
+                c, h, w, ho, wo,
+                *grad.stride(), *attn.stride(), *_strides(ghost_mul), *_strides(ghost_add),
+                HAS_MUL=ghost_mul is not None, HAS_ADD=ghost_add is not None,
+                **geometry,
+            )
+    gm = gm.reshape(n, c, kernel_size, kernel_size).to(v.dtype) if need_mul else empty()
+    gd = gd.reshape(n, c, kernel_size, kernel_size).to(v.dtype) if need_add else empty()
+    return gv, ga, gm, gd
+
+
+# ---------------------------------------------------------------------------------------------------------
+# custom ops
+
+
+@torch.library.custom_op("elsa::triton_aggregate", mutates_args=())
+def triton_aggregate(
+    v: Tensor,
+    attn: Tensor,
+    ghost_mul: Optional[Tensor],
+    ghost_add: Optional[Tensor],
+    kernel_size: int,
+    dilation: int,
+    stride: int,
+) -> Tensor:
+    """v: (N, C, H, W), attn: (N, K*K, Ho, Wo), ghosts: (N, C, K, K) or None -> (N, C, Ho, Wo)."""
+    return _forward(v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride, softmax=False)
+
+
+@torch.library.custom_op("elsa::triton_softmax_aggregate", mutates_args=())
+def triton_softmax_aggregate(
+    v: Tensor,
+    attn_logits: Tensor,
+    ghost_mul: Optional[Tensor],
+    ghost_add: Optional[Tensor],
+    kernel_size: int,
+    dilation: int,
+    stride: int,
+) -> Tensor:
+    """``triton_aggregate(v, attn_logits.softmax(1), ...)`` with the softmax done in registers."""
+    return _forward(v, attn_logits, ghost_mul, ghost_add, kernel_size, dilation, stride, softmax=True)
+
+
+def _fake_forward(v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride):
+    return v.new_empty((v.shape[0], v.shape[1], attn.shape[2], attn.shape[3]))
+
+
+triton_aggregate.register_fake(_fake_forward)
+triton_softmax_aggregate.register_fake(_fake_forward)
+
+
+@torch.library.custom_op("elsa::triton_aggregate_backward", mutates_args=())
+def triton_aggregate_backward(
+    grad: Tensor,
+    v: Tensor,
+    attn: Tensor,
+    ghost_mul: Optional[Tensor],
+    ghost_add: Optional[Tensor],
+    kernel_size: int,
+    dilation: int,
+    stride: int,
+    softmax: bool,
+    need_v: bool,
+    need_attn: bool,
+    need_mul: bool,
+    need_add: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (v, attn, ghost_mul, ghost_add); an empty tensor stands for one not asked for.
+
+    With ``softmax`` ``attn`` holds the logits and the second gradient is the logits' gradient.
+    """
+    return _backward(grad, v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride, softmax,
+                     need_v, need_attn, need_mul, need_add)
+
+
+@triton_aggregate_backward.register_fake
+def _(grad, v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride, softmax,
+      need_v, need_attn, need_mul, need_add):
+    return (
+        v.new_empty(v.shape) if need_v else v.new_empty(0),
+        attn.new_empty(attn.shape) if need_attn else v.new_empty(0),
+        ghost_mul.new_empty(ghost_mul.shape) if need_mul and ghost_mul is not None else v.new_empty(0),
+        ghost_add.new_empty(ghost_add.shape) if need_add and ghost_add is not None else v.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride = inputs
+    ctx.save_for_backward(v, attn, ghost_mul, ghost_add)
+    ctx.geometry = (kernel_size, dilation, stride)
+
+
+def _make_backward(softmax: bool):
+    def backward(ctx, grad):
+        v, attn, ghost_mul, ghost_add = ctx.saved_tensors
+        need = ctx.needs_input_grad[:4]
+        grads = triton_aggregate_backward(grad, v, attn, ghost_mul, ghost_add, *ctx.geometry, softmax, *need)
+        grads = [g if wanted and g.numel() else None for g, wanted in zip(grads, need)]
+        return (*grads, None, None, None)
+
+    return backward
+
+
+triton_aggregate.register_autograd(_make_backward(False), setup_context=_setup_context)
+triton_softmax_aggregate.register_autograd(_make_backward(True), setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# backend entry points (called by elsa.ops after argument checks)
+
+
+def aggregate(v: Tensor, attn: Tensor, ghost_mul: Optional[Tensor], ghost_add: Optional[Tensor],
+              kernel_size: int, dilation: int, stride: int) -> Tensor:
+    """v: (N, C, H, W), attn: (N, K*K, H//s, W//s), ghosts: (N, C, K, K) or None -> (N, C, H//s, W//s)."""
+    return triton_aggregate(v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride)
+
+
+def softmax_aggregate(v: Tensor, attn_logits: Tensor, ghost_mul: Optional[Tensor], ghost_add: Optional[Tensor],
+                      kernel_size: int, dilation: int, stride: int) -> Tensor:
+    """As :func:`aggregate` with ``attn = attn_logits.softmax(1)`` computed inside the kernels."""
+    return triton_softmax_aggregate(v, attn_logits, ghost_mul, ghost_add, kernel_size, dilation, stride)
