@@ -98,3 +98,35 @@ def test_resume_restores_iteration_and_optimizer(trained):
     assert steps == {ITERS + 5}                     # AdamW moments continued, not restarted
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[-1]["iter"] == ITERS + 5 and ckpt["recipe"]["iters"] == ITERS + 5
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    """DDP through torchrun (gloo on CPU): process group from env vars, DistributedSampler, sharded evaluation with
+    all-reduced histograms, checkpoints and JSON from rank 0 only."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    make_synthetic_ade(tmp_path / "data", num_train=8, num_val=3, size=(40, 48), seed=3)
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "elsa.cli.seg", "train", *SMALL, "--data", str(tmp_path / "data"), "--output", str(out),
+           "--iters", "4", "--batch-size", "2", "--workers", "0", "--ckpt-interval", "4", "--eval-interval", "4",
+           "--log-interval", "2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)   # torchrun and both workers
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.count("final: mIoU") == 1                      # rank 0 reports once
+    result = json.loads((out / "eval_latest.json").read_text())
+    assert result["num_images"] == 3                              # 2 + 1 images from the two ranks, summed
+    assert "batch 2 x 2 processes" in stderr
+    ckpt = torch.load(out / "latest.pth", map_location="cpu", weights_only=True)
+    assert ckpt["iteration"] == 4

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def run_train(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"elsa seg train: error: {err}", file=sys.stderr)
         return 2
-    if "mIoU" in result:
+    if "mIoU" in result and int(os.environ.get("RANK", "0")) == 0:
         print(f"final: mIoU {100 * result['mIoU']:.2f}  aAcc {100 * result['aAcc']:.2f}  "
               f"mAcc {100 * result['mAcc']:.2f}")
     return 0
@@ -222,3 +223,16 @@ def run_predict(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}; largest classes: " + ", ".join(
         f"{names[c] if names else c} ({100 * n / pred.size:.1f}%)" for n, c in top))
     return 0
+
+
+def main(argv=None) -> int:
+    """``python -m elsa.cli.seg ...`` (same as ``elsa seg ...``), handy under torchrun."""
+    parser = argparse.ArgumentParser(prog="elsa")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["seg", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

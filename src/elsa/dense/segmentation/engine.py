@@ -242,7 +242,7 @@ def train(recipe: SegRecipe, data_root, output: Path, pretrained: Optional[str] 
     model = build_segmentor(recipe)
     if pretrained:
         model.backbone.load_pretrained(pretrained)
-    if info.enabled:
+    if info.enabled and device.type == "cuda":  # SyncBatchNorm runs on GPUs only; CPU (gloo) runs keep BatchNorm
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     optimizer, scheduler = build_optimizer(model, recipe)
