@@ -93,8 +93,10 @@ def plot_curves(run_dir: PathLike, out: Optional[PathLike] = None, dpi: int = 11
             drawn += 1
         if not drawn:
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
-        elif log and all(y > 0 for y in _series(records, keys[0][0])[1]):
-            ax.set_yscale("log")
+        elif log:  # log scale only when the values span decades (warm-up from ~0, step decay)
+            values = _series(records, keys[0][0])[1]
+            if min(values) > 0 and max(values) / min(values) > 20:
+                ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
