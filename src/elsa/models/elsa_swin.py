@@ -223,7 +223,7 @@ class ELSASwin(nn.Module):
                                       embed_dim=embed_dim, norm_layer=norm_layer, output_fmt="NHWC",
                                       strict_img_size=False, dynamic_img_pad=True)
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         stages, self.feature_info = [], []
         for i, (depth, heads) in enumerate(zip(depths, num_heads)):
             dim = embed_dim * 2 ** i

@@ -89,12 +89,14 @@ def native_aggregate_backward(
     vp = F.pad(v, (pad, pad, pad, pad))
     m, d = _flat(ghost_mul, kk), _flat(ghost_add, kk)
     grad = grad.contiguous()
-    empty = v.new_empty(0)
+
+    def empty() -> Tensor:  # a fresh one each time: custom-op outputs may not alias each other
+        return v.new_empty(0)
 
     gvp = v.new_zeros(vp.shape) if need_v else None
-    ga = attn.new_empty(attn.shape) if need_attn else empty
-    gm = v.new_empty((n, c, kk)) if need_mul and m is not None else empty
-    gd = v.new_empty((n, c, kk)) if need_add and d is not None else empty
+    ga = attn.new_empty(attn.shape) if need_attn else empty()
+    gm = v.new_empty((n, c, kk)) if need_mul and m is not None else empty()
+    gd = v.new_empty((n, c, kk)) if need_add and d is not None else empty()
     need_products = need_attn or gm.numel() > 0 or gd.numel() > 0
     for k in range(kk):
         i, j = divmod(k, kernel_size)
@@ -108,7 +110,7 @@ def native_aggregate_backward(
                 gd[:, :, k] = gv_k.sum((2, 3))
         if gvp is not None:
             _shifted(gvp, i, j, dilation, stride, ho, wo).addcmul_(grad, _filter(attn, m, d, k))
-    gv = gvp[:, :, pad:pad + h, pad:pad + w].contiguous() if gvp is not None else empty
+    gv = gvp[:, :, pad:pad + h, pad:pad + w].contiguous() if gvp is not None else empty()
     gm = gm.reshape(n, c, kernel_size, kernel_size) if gm.numel() else gm
     gd = gd.reshape(n, c, kernel_size, kernel_size) if gd.numel() else gd
     return gv, ga, gm, gd
@@ -116,12 +118,11 @@ def native_aggregate_backward(
 
 @native_aggregate_backward.register_fake
 def _(grad, v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride, need_v, need_attn, need_mul, need_add):
-    empty = v.new_empty(0)
     return (
-        v.new_empty(v.shape) if need_v else empty,
-        attn.new_empty(attn.shape) if need_attn else empty,
-        ghost_mul.new_empty(ghost_mul.shape) if need_mul and ghost_mul is not None else empty,
-        ghost_add.new_empty(ghost_add.shape) if need_add and ghost_add is not None else empty,
+        v.new_empty(v.shape) if need_v else v.new_empty(0),
+        attn.new_empty(attn.shape) if need_attn else v.new_empty(0),
+        ghost_mul.new_empty(ghost_mul.shape) if need_mul and ghost_mul is not None else v.new_empty(0),
+        ghost_add.new_empty(ghost_add.shape) if need_add and ghost_add is not None else v.new_empty(0),
     )
 
 
