@@ -266,3 +266,28 @@ def test_class_names_sources(tmp_path):
     assert class_names(2, listed) == ["cat", "dog"]
     with pytest.raises(ToolError, match="--class-names"):
         class_names(2, tmp_path / "absent.txt")
+
+
+def test_attention_maps_with_both_ghosts():
+    """lam = gamma = 1 (ELSA-VOLO's setting): the filter is mean_c(m_c * a + d_c) = mean(m) * a + mean(d)."""
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 16, 4, stride=4)
+            self.block = elsa.ELSABlock(16, num_heads=2, kernel_size=3, lam=1.0, gamma=1.0, group_width=4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.block(self.stem(x).permute(0, 2, 3, 1))
+
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    x = torch.randn(3, 24, 20)
+    maps = attention_maps(model, x, pixels=[(23, 0), (9, 13)])
+    assert maps.block == "block" and maps.map_size == (6, 5) and maps.map_pixels == [(5, 0), (2, 3)]
+    torch.testing.assert_close(maps.attention.sum(dim=(-2, -1)), torch.ones(2, 2))
+    m, d = model.block.attn.ghost_head  # (2, 1, C, K, K): [0] = m, [1] = d
+    m, d = m.reshape(2, 8, 3, 3).mean(1), d.reshape(2, 8, 3, 3).mean(1)
+    torch.testing.assert_close(maps.ghost_mul, m)
+    torch.testing.assert_close(maps.ghost_add, d)
+    torch.testing.assert_close(maps.combined, maps.attention * m + d)
