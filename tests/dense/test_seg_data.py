@@ -8,6 +8,8 @@ from PIL import Image
 
 from elsa.dense.segmentation.data import (ADE20KDataset, TrainTransform, collate_skip, hsv_cv_to_rgb,
                                           photometric_distortion, random_crop_box, resolve_ade_root, rgb_to_hsv_cv)
+from elsa.dense.segmentation.engine import evaluate
+from elsa.dense.segmentation.recipes import get_recipe
 from elsa.dense.synthetic_ade import make_synthetic_ade
 
 
@@ -103,5 +105,12 @@ def test_bad_files_are_skipped_and_counted(tmp_path):
     assert batch["skipped"] == 1 and batch["img"].shape == (2, 3, 24, 24)
     with pytest.raises(FileNotFoundError, match="validation"):
         ADE20KDataset(tmp_path, "validation")   # empty split: clear error
+    # evaluation skips and counts both kinds too
+    val = ADE20KDataset(tmp_path, "training")
+    recipe = get_recipe("upernet_elsa_swin_tiny_160k").replace(num_classes=3, img_scale=(40, 32))
+    net = torch.nn.Conv2d(3, 3, 1)
+    net.encode_decode = net.forward
+    result = evaluate(net, val, recipe, mode="whole")
+    assert result["skipped"] == 2 and result["num_images"] == 2 and len(result["IoU"]) == 3
     with pytest.raises(ValueError, match="split"):
         ADE20KDataset(tmp_path, "test")

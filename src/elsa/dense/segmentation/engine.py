@@ -201,8 +201,19 @@ def format_table(result: Dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def _json_safe(x):
+    if isinstance(x, float) and x != x:
+        return None  # NaN (class absent from GT and prediction) -> null, keeping the file strict JSON
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def write_json(path: Path, obj: dict) -> None:
-    text = json.dumps(obj, indent=2, allow_nan=True)
+    """Atomic, strict JSON (NaN written as null)."""
+    text = json.dumps(_json_safe(obj), indent=2, allow_nan=False)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
