@@ -167,3 +167,27 @@ def test_poly_schedule_with_linear_warmup():
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(6e-5 * (1 - 1500 / 160000))
+
+
+def test_load_official_mmseg_style_checkpoint(tmp_path):
+    """An mmseg checkpoint ({'meta', 'state_dict'} with backbone./decode_head./auxiliary_head. keys and shift-mask
+    buffers) loads through the recipe; a file that does not fit is refused with the missing names."""
+    from elsa.dense.segmentation.engine import load_segmentor
+    from elsa.models import CheckpointError
+
+    torch.manual_seed(0)
+    recipe = tiny_recipe()
+    src = build_segmentor(recipe)
+    state = dict(src.state_dict())
+    state["backbone.layers.3.blocks.1.attn_mask"] = torch.zeros(1, 49, 49)
+    torch.save({"meta": {"iter": 160000}, "state_dict": state}, tmp_path / "official.pth")
+    model, used = load_segmentor(tmp_path / "official.pth", recipe)
+    assert used == recipe
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    del state["decode_head.conv_seg.weight"]
+    torch.save({"state_dict": state}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="conv_seg"):
+        load_segmentor(tmp_path / "bad.pth", recipe)
+    with pytest.raises(FileNotFoundError, match="--checkpoint"):
+        load_segmentor(tmp_path / "missing.pth", recipe)

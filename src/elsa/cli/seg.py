@@ -73,6 +73,7 @@ def add_parser(subparsers) -> None:
     t.add_argument("--workers", type=int, default=4, help="data-loading processes per GPU (default 4)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--eval-mode", choices=MODES, default=None, help="evaluation mode during training (default whole)")
+    t.add_argument("--grad-checkpointing", action="store_true", help="recompute backbone activations (less memory)")
     t.set_defaults(func=run_train)
     e = sub.add_parser("test", help="mIoU / aAcc / per-class IoU on the validation split")
     _add_common(e)
@@ -138,7 +139,7 @@ def run_train(args: argparse.Namespace) -> int:
         recipe, _ = _recipe(args)
         result = engine.train(recipe, args.data, Path(args.output), pretrained=args.pretrained, resume=args.resume,
                               workers=args.workers, seed=args.seed, eval_mode=args.eval_mode,
-                              device=_device(args.device))
+                              device=_device(args.device), grad_checkpointing=args.grad_checkpointing)
     except (ValueError, FileNotFoundError) as err:
         print(f"elsa seg train: error: {err}", file=sys.stderr)
         return 2

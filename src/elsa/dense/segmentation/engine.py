@@ -230,7 +230,7 @@ def _infinite(loader: DataLoader, start_epoch: int):
 
 def train(recipe: SegRecipe, data_root, output: Path, pretrained: Optional[str] = None, resume: bool = False,
           workers: int = 4, seed: int = 0, progress: bool = True, eval_mode: Optional[str] = None,
-          device: Optional[torch.device] = None) -> Dict[str, object]:
+          device: Optional[torch.device] = None, grad_checkpointing: bool = False) -> Dict[str, object]:
     """Train ``recipe`` on ADE20K at ``data_root``; checkpoints/logs in ``output``. Returns the last evaluation (or
     {} when there is none). ``resume`` continues from ``output/latest.pth`` (model, optimizer, scheduler, scaler,
     iteration)."""
@@ -253,6 +253,8 @@ def train(recipe: SegRecipe, data_root, output: Path, pretrained: Optional[str] 
     model = build_segmentor(recipe)
     if pretrained:
         model.backbone.load_pretrained(pretrained)
+    if grad_checkpointing:  # trades backbone recomputation for activation memory
+        model.backbone.set_grad_checkpointing(True)
     if info.enabled and device.type == "cuda":  # SyncBatchNorm runs on GPUs only; CPU (gloo) runs keep BatchNorm
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
