@@ -92,5 +92,7 @@ def digits_train_transform(size: int = DIGITS_SIZE, shift: int = 3, mean: Tuple[
     (a flipped 2 is no 2), no mixup. ``no_aug`` gives the deterministic eval transform."""
     from torchvision import transforms as T
 
-    ops = [] if no_aug or shift <= 0 else [T.RandomCrop(size, padding=shift, fill=0)]
+    ops = [] if size == DIGITS_SIZE else [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)]
+    if not no_aug and shift > 0:
+        ops.append(T.RandomCrop(size, padding=max(1, shift * size // DIGITS_SIZE), fill=0))
     return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])

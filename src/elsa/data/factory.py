@@ -75,8 +75,13 @@ def create_dataset(name_or_root: Optional[str], split: str, transform: Optional[
     if is_timm_spec(name_or_root):
         from timm.data import create_dataset as timm_create_dataset
 
-        ds = timm_create_dataset(name_or_root, root=data_dir or "data", split="train" if split == "train" else
-                                 "validation", is_training=split == "train", download=download)
+        try:
+            ds = timm_create_dataset(name_or_root, root=data_dir or "data", split="train" if split == "train"
+                                     else "validation", is_training=split == "train", download=download)
+        except (RuntimeError, OSError, ImportError) as err:
+            raise DatasetError(f"timm data set {name_or_root!r} (root {data_dir or 'data'!r}, split {split!r}) "
+                               f"could not be opened: {err} (pass --data-dir, or --dataset-download to fetch it)"
+                               ) from err
         ds.transform = transform
         if not hasattr(ds, "classes") and hasattr(getattr(ds, "reader", None), "class_to_idx"):
             ds.classes = list(ds.reader.class_to_idx)
