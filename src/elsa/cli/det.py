@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import sys
 from pathlib import Path
 from typing import Any, Dict
@@ -62,6 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from elsa.dense.detection.engine import train
 
     recipe = _recipe(args)
+    random.seed(args.seed)  # the augmentation draws from Python's RNG
     torch.manual_seed(args.seed)
     splits = ("train", "val") if args.eval else ("train",)
     datasets = build_datasets(args.data, recipe, splits=splits,

@@ -43,9 +43,11 @@ class TimmBody(nn.Module):
 
         if img_size is not None:
             kwargs["img_size"] = img_size
+        kwargs.setdefault("strict_img_size", False)  # any (padded) input size, as the detector needs
         self.model = timm.create_model(name, pretrained=False, features_only=True, **kwargs)
         self.out_channels = list(self.model.feature_info.channels())
-        self._nhwc = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
+        fmt = getattr(self.model, "output_fmt", "NCHW")
+        self._nhwc = getattr(fmt, "value", fmt) == "NHWC"  # timm's swin returns NHWC maps
 
     def forward(self, x: Tensor) -> List[Tensor]:
         feats = self.model(x)

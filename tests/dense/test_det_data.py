@@ -1,0 +1,135 @@
+"""COCO-format reading: bad annotations cleaned as mmdetection does (with counts), augmentation keeps boxes, masks
+and image consistent, synthetic generator writes valid COCO."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("pycocotools")
+from PIL import Image  # noqa: E402
+
+from elsa.dense.detection.data import CocoInstances, TrainTransform, _crop, _flip, _resize, coco_paths  # noqa: E402
+from elsa.dense.synthetic_coco import make_synthetic_coco  # noqa: E402
+
+
+def _write_bad_dataset(tmp_path):
+    img_dir = tmp_path / "train2017"
+    img_dir.mkdir()
+    for i in (1, 2, 3, 4):
+        Image.fromarray(np.full((50, 60, 3), 100, np.uint8)).save(img_dir / f"{i}.png")
+    images = [{"id": i, "file_name": f"{i}.png", "width": 60, "height": 50} for i in (1, 2, 3, 4, 5)]  # 5: missing
+
+    def ann(k, img, bbox, seg=None, cat=1, crowd=0, area=None):
+        x, y, w, h = bbox
+        return {"id": k, "image_id": img, "category_id": cat, "iscrowd": crowd, "bbox": bbox,
+                "area": w * h if area is None else area,
+                "segmentation": seg if seg is not None else [[x, y, x + w, y, x + w, y + h, x, y + h]]}
+
+    anns = [
+        ann(1, 1, [5, 5, 10, 10]),                                   # good
+        ann(2, 1, [50, 40, 20, 20], seg=[[50, 40, 59, 40, 59, 49, 50, 49]]),  # crosses the border: clipped
+        ann(3, 1, [5, 5, 0.5, 10]),                                  # w < 1: degenerate box
+        ann(4, 1, [70, 10, 5, 5]),                                   # entirely outside the image
+        ann(5, 1, [5, 5, 10, 10], seg=[[5, 5, 15, 5]]),              # polygon of 2 points only -> no mask
+        ann(6, 1, [5, 5, 10, 10], seg=[[5, 5, 10, 5, 15, 5], [5, 5, 15, 5, 15, 15, 5, 15]]),  # 1 collinear of 2
+        ann(7, 1, [5, 5, 10, 10], cat=99),                          # unknown category
+        ann(8, 2, [5, 5, 10, 10], crowd=1),                          # crowd only -> image 2 empty in training
+        ann(9, 3, [5, 5, 0, 0]),                                     # degenerate only -> image 3 empty
+        ann(10, 5, [5, 5, 10, 10]),                                  # on the missing image
+        ann(11, 1, [20, 20, 10, 10], area=0),                        # area 0: degenerate box
+    ]                                                                # image 4: no annotations at all
+    ann_dir = tmp_path / "annotations"
+    ann_dir.mkdir()
+    path = ann_dir / "instances_train2017.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns,
+                                "categories": [{"id": 1, "name": "thing"}, {"id": 4, "name": "other"}]}))
+    return path, img_dir
+
+
+def test_bad_annotations_are_dropped_and_counted(tmp_path, caplog):
+    path, img_dir = _write_bad_dataset(tmp_path)
+    ds = CocoInstances(path, img_dir, train=True)
+    s = ds.stats
+    assert s["images_total"] == 5
+    assert s["images_missing"] == 1
+    assert s["images_empty_skipped"] == 3  # image 2 (crowd only), 3 (degenerate only), 4 (none)
+    assert s["anns_degenerate_box"] == 3  # ids 3, 9, 11
+    assert s["anns_outside_image"] == 1
+    assert s["anns_bad_category"] == 1
+    assert s["anns_crowd"] == 1
+    assert s["anns_no_valid_mask"] == 1
+    assert s["polygons_degenerate"] == 2  # the 2-point polygon and the collinear one
+    assert s["boxes_clipped"] == 1
+    assert "missing" in caplog.text
+    assert len(ds) == 1
+    image, t = ds[0]
+    assert image.shape == (3, 50, 60) and 0 <= image.min() and image.max() <= 1
+    assert t["labels"].tolist() == [1, 1, 1]  # ids 1, 2 and 6 survive
+    assert t["boxes"][1].tolist() == [50, 40, 60, 50]  # clipped to the 60x50 image
+    assert t["masks"].shape == (3, 50, 60) and t["masks"].dtype == torch.uint8
+    assert t["masks"][0].sum() > 0 and t["masks"][2].sum() > 0
+    # evaluation keeps empty images (nothing to learn, but they count for false positives)
+    assert len(CocoInstances(path, img_dir, train=False)) == 4
+
+
+def test_missing_layout_names_the_expected_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="instances_train2017.json"):
+        coco_paths(tmp_path, "train")
+
+
+def _target():
+    masks = torch.zeros(2, 40, 50, dtype=torch.uint8)
+    masks[0, 5:15, 10:30] = 1
+    masks[1, 20:40, 30:50] = 1
+    return {"boxes": torch.tensor([[10.0, 5, 30, 15], [30, 20, 50, 40]]), "labels": torch.tensor([1, 2]),
+            "masks": masks}
+
+
+def _mask_box(m):
+    ys, xs = torch.where(m > 0)
+    return [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+
+
+def test_flip_resize_crop_keep_boxes_on_masks():
+    image = torch.rand(3, 40, 50)
+    im, t = _flip(image, _target())
+    assert torch.equal(im, image.flip(-1))
+    assert t["boxes"][0].tolist() == [20, 5, 40, 15] and _mask_box(t["masks"][0]) == [20, 5, 40, 15]
+    im, t = _resize(image, _target(), short=80, max_size=1000)  # x2
+    assert im.shape == (3, 80, 100)
+    assert t["boxes"][1].tolist() == [60, 40, 100, 80] and _mask_box(t["masks"][1]) == [60, 40, 100, 80]
+    im, t = _resize(image, _target(), short=80, max_size=75)  # long side caps: scale 1.5
+    assert im.shape == (3, 60, 75)
+    random.seed(3)
+    for _ in range(20):
+        im, t = _crop(image, _target(), 20, 30)
+        assert 20 <= im.shape[1] <= 30 and 20 <= im.shape[2] <= 30
+        assert len(t["boxes"]) == len(t["labels"]) == len(t["masks"])
+        for b, m in zip(t["boxes"], t["masks"]):
+            assert (b[2:] > b[:2]).all() and _mask_box(m) == b.tolist()
+
+
+def test_train_transform_short_side_in_scales():
+    random.seed(0)
+    tf = TrainTransform(scales=(48, 64), max_size=200, detr_crop=True, crop_prescales=(40,), crop_size=(20, 30))
+    for _ in range(10):
+        im, t = tf(torch.rand(3, 40, 50), _target())
+        assert min(im.shape[1:]) in (48, 64)
+        assert t["masks"].shape[1:] == im.shape[1:]
+
+
+def test_synthetic_coco_is_valid_coco(tmp_path):
+    from elsa.dense.detection.evaluation import load_coco
+
+    paths = make_synthetic_coco(tmp_path, num_train=6, num_val=3, seed=1)
+    coco = load_coco(paths["train"])
+    assert len(coco.getImgIds()) == 6 and sorted(coco.getCatIds()) == [1, 2]
+    ds = CocoInstances(*coco_paths(tmp_path, "val"), train=False)
+    assert len(ds) == 3 and ds.classes == ["box", "disc"]
+    _, t = ds[0]
+    for b, m in zip(t["boxes"], t["masks"]):  # the polygon mask fills most of its box, and stays inside it
+        x0, y0, x1, y1 = _mask_box(m)
+        assert x0 >= b[0] - 1 and y0 >= b[1] - 1 and x1 <= b[2] + 1 and y1 <= b[3] + 1
+        assert m.sum() > 0.5 * (b[2] - b[0]) * (b[3] - b[1])

@@ -1,0 +1,157 @@
+"""Mask R-CNN / Cascade Mask R-CNN construction (official settings), cascade forward/backward/eval, optimizer
+groups and schedule."""
+import math
+
+import pytest
+import torch
+
+from elsa.dense.detection import build_detector
+from elsa.dense.detection.cascade import CascadeRoIHeads
+from elsa.dense.detection.engine import lr_factor, param_groups, schedule
+from elsa.dense.recipes_det import RECIPES, get_recipe
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The test machine is shared; with several processes each using all cores, one thread is ~10x faster here.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _batch():
+    masks = torch.zeros(2, 80, 96, dtype=torch.uint8)
+    masks[0, 10:40, 10:30] = 1
+    masks[1, 50:70, 40:90] = 1
+    images = [torch.rand(3, 80, 96), torch.rand(3, 64, 72)]
+    targets = [{"boxes": torch.tensor([[10.0, 10, 30, 40], [40, 50, 90, 70]]), "labels": torch.tensor([1, 2]),
+                "masks": masks},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),  # a negative image
+                "masks": torch.zeros(0, 64, 72, dtype=torch.uint8)}]
+    return images, targets
+
+
+def test_official_mask_rcnn_settings():
+    r = get_recipe("mask_rcnn_elsa_swin_tiny_1x", backbone_kwargs=dict(depths=(1, 1, 1, 1)))
+    m = build_detector(r)
+    assert m.backbone.out_channels == 256 and m.backbone.body.out_channels == [96, 192, 384, 768]
+    ag = m.rpn.anchor_generator
+    assert ag.sizes == ((32,), (64,), (128,), (256,), (512,)) and ag.aspect_ratios[0] == (0.5, 1.0, 2.0)
+    assert m.rpn._pre_nms_top_n == {"training": 2000, "testing": 1000}
+    assert m.rpn._post_nms_top_n == {"training": 1000, "testing": 1000}
+    assert m.rpn.nms_thresh == 0.7 and m.rpn.fg_bg_sampler.batch_size_per_image == 256
+    rh = m.roi_heads
+    assert rh.fg_bg_sampler.batch_size_per_image == 512 and rh.fg_bg_sampler.positive_fraction == 0.25
+    assert (rh.score_thresh, rh.nms_thresh, rh.detections_per_img) == (0.05, 0.5, 100)
+    assert rh.box_coder.weights == (10.0, 10.0, 5.0, 5.0)  # mmdet target_stds 0.1, 0.1, 0.2, 0.2
+    assert rh.box_head.fc6.out_features == 1024 and rh.box_predictor.cls_score.out_features == 81
+    assert len(rh.mask_head) == 4 and rh.box_roi_pool.sampling_ratio == 0
+    assert (m.transform.min_size, m.transform.max_size) == ((800,), 1333)
+
+
+def test_recipes_match_official_table():
+    assert len([n for n in RECIPES if "elsa_swin" in n]) == 8
+    for name, r in RECIPES.items():
+        if "elsa_swin" not in name:
+            continue
+        assert (r.lr, r.weight_decay, r.batch_size) == (1e-4, 0.05, 2)
+        assert (r.epochs, r.lr_steps) == ((12, (8, 11)) if name.endswith("1x") else (36, (27, 33)))
+        assert r.train_scales == tuple(range(480, 801, 32)) and r.max_size == 1333 and r.detr_crop
+        assert r.backbone == ("elsa_swin_tiny" if "tiny" in name else "elsa_swin_small")
+    assert RECIPES["mask_rcnn_elsa_swin_tiny_1x"].drop_path_rate == 0.1
+    assert RECIPES["mask_rcnn_elsa_swin_small_1x"].drop_path_rate == 0.2
+    c = RECIPES["cascade_mask_rcnn_elsa_swin_tiny_3x"]
+    assert c.cascade_ious == (0.5, 0.6, 0.7) and c.cascade_stage_weights == (1.0, 0.5, 0.25)
+    assert c.box_head == "4conv1fc" and c.cascade_box_loss == "giou" and c.cascade_box_loss_weight == 10.0
+
+
+@pytest.mark.parametrize("arch", ["cascade_mask_rcnn_tiny_test"])
+def test_cascade_forward_backward_and_eval(arch):
+    torch.manual_seed(0)
+    r = get_recipe(arch)
+    m = build_detector(r)
+    assert isinstance(m.roi_heads, CascadeRoIHeads) and m.roi_heads.num_stages == 3
+    assert [c.weights for c in m.roi_heads.box_coders] == [
+        (10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (1 / 0.033, 1 / 0.033, 1 / 0.067, 1 / 0.067)]
+    images, targets = _batch()
+    m.train()
+    losses = m(images, targets)
+    assert {f"s{s}.{k}" for s in range(3) for k in ("loss_cls", "loss_box", "loss_mask")} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    for s in range(3):  # every stage's box and mask heads learn
+        for part in (m.roi_heads.box_heads[s], m.roi_heads.box_predictors[s], m.roi_heads.mask_heads[s],
+                     m.roi_heads.mask_predictors[s]):
+            grads = [p.grad for p in part.parameters()]
+            assert all(g is not None for g in grads)
+            assert sum(g.abs().sum() for g in grads) > 0
+    assert all(p.grad is not None for p in m.backbone.body.parameters())
+    m.eval()
+    with torch.no_grad():
+        out = m(images)
+    assert len(out) == 2
+    for o, im in zip(out, images):
+        n = len(o["boxes"])
+        assert o["scores"].shape == (n,) and o["labels"].shape == (n,)
+        assert o["masks"].shape == (n, 1, *im.shape[1:])
+        if n:
+            assert o["labels"].min() >= 1 and o["labels"].max() <= r.num_classes
+            assert (o["boxes"][:, 2] <= im.shape[2]).all() and (o["boxes"][:, 3] <= im.shape[1]).all()
+            assert 0 <= o["masks"].min() and o["masks"].max() <= 1
+
+
+def test_cascade_test_averages_stage_scores():
+    """With stages 2 and 3 predicting 'class 1' with certainty and stage 1 'background', the averaged logits
+    give class 1 a softmax probability computed from the mean of the three stages' logits."""
+    torch.manual_seed(0)
+    r = get_recipe("cascade_mask_rcnn_tiny_test", box_score_thresh=0.0)
+    m = build_detector(r).eval()
+    heads = m.roi_heads
+    biases = [(5.0, 0.0, 0.0), (0.0, 5.0, 0.0), (0.0, 5.0, 0.0)]
+    for s, b in enumerate(biases):
+        heads.box_predictors[s].cls_score.weight.data.zero_()
+        heads.box_predictors[s].cls_score.bias.data = torch.tensor(b)
+        heads.box_predictors[s].bbox_pred.weight.data.zero_()
+        heads.box_predictors[s].bbox_pred.bias.data.zero_()
+    with torch.no_grad():
+        out = m([torch.rand(3, 80, 96)])[0]
+    mean = torch.tensor(biases).mean(0)
+    expected = torch.softmax(mean, 0)
+    assert out["scores"].max().item() == pytest.approx(expected[1].item(), rel=1e-5)
+    assert (out["labels"][out["scores"] > expected[2] + 1e-4] == 1).all()
+
+
+def test_param_groups_follow_official_paramwise_cfg():
+    m = build_detector(get_recipe("mask_rcnn_tiny_test"))
+    groups = param_groups(m, 0.05, ("absolute_pos_embed", "relative_position_bias_table", "norm"))
+    names = {id(p): n for n, p in m.named_parameters()}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    decay = {names[id(p)] for p in groups[0]["params"]}
+    assert groups[1]["weight_decay"] == 0.0 and groups[0]["weight_decay"] == 0.05
+    assert all("norm" in n for n in no_decay) and any(n.endswith("norm0.weight") for n in no_decay)
+    # the official names decide: biases, ELSA's ghost head and the window stage's relative table ('rb') decay
+    assert any(n.endswith("attn.rb") for n in decay) and any(n.endswith("ghost_head") for n in decay)
+    assert any(n.endswith(".bias") for n in decay)
+    assert len(no_decay) + len(decay) == len(list(m.parameters()))
+
+
+def test_lr_schedule_warmup_and_steps():
+    assert lr_factor(0, [8, 11], 500, 0.001, 0.1) == pytest.approx(0.001)
+    assert lr_factor(250, [8000, 11000], 500, 0.001, 0.1) == pytest.approx(1 - 0.5 * 0.999)
+    assert lr_factor(500, [8000, 11000], 500, 0.001, 0.1) == 1.0
+    assert lr_factor(8000, [8000, 11000], 500, 0.001, 0.1) == pytest.approx(0.1)
+    assert lr_factor(11000, [8000, 11000], 500, 0.001, 0.1) == pytest.approx(0.01)
+    total, steps = schedule(get_recipe("mask_rcnn_elsa_swin_tiny_3x"), iters_per_epoch=7330)
+    assert total == 36 * 7330 and steps == [27 * 7330, 33 * 7330]
+    total, steps = schedule(get_recipe("mask_rcnn_elsa_swin_tiny_1x", max_iters=120), iters_per_epoch=3)
+    assert total == 120 and steps == [80, 110]
+
+
+def test_bad_recipe_values_name_the_argument():
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        get_recipe("nope")
+    with pytest.raises(ValueError, match="unknown DetRecipe field"):
+        get_recipe("mask_rcnn_tiny_test", num_clases=3)
+    with pytest.raises(ValueError, match="box_head"):
+        build_detector(get_recipe("mask_rcnn_tiny_test", box_head="3fc"))
