@@ -200,6 +200,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     slug = "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
     out_path = Path(args.json) if args.json else Path(__file__).resolve().parent / "results" / f"op_bench_{slug}.json"
 
+    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     copy_gbs = copy_bandwidth(device)
     print(f"device: {name}; copy bandwidth {copy_gbs:.1f} GB/s; batch {args.batch}; K={KERNEL_SIZE}, ghost_add only")
     rows = []
@@ -243,6 +244,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         args=vars(args),
         copy_bandwidth_gbs=copy_gbs,
+        # CPU timings are only meaningful on an otherwise idle machine: the 1-minute load average at the start
+        load_average=load_average,
         notes=("times are medians in ms; *_min_bytes: bytes the op must read+write at least; *_bw_fraction: "
                "achieved (min_bytes / time) over copy bandwidth; peak MiB: memory allocated beyond the inputs "
                "(CUDA only)"),

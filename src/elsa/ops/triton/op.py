@@ -27,12 +27,12 @@ zero strides, an expanded ghost): nothing is copied to make it contiguous.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional
 
 import torch
 import triton
 from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
 
 from . import kernels
 
@@ -43,15 +43,16 @@ __all__ = ["aggregate", "softmax_aggregate", "triton_aggregate", "triton_softmax
 # a program (grad_attn). 64 covers every ELSA-Swin head (32 channels) in one block.
 MAX_BLOCK_C = 64
 
-# Triton reads TRITON_INTERPRET when a kernel is decorated, so the choice of configs is made at the same
-# time: the CPU interpreter runs one small config (its cost grows with the number of configs benchmarked),
-# a GPU benchmarks a few pixel-tile sizes per shape.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton decides between compiled and interpreted (TRITON_INTERPRET=1, CPU tensors) kernels when they are
+# defined, i.e. when ``kernels`` was imported; ``why_not`` reads this flag rather than the environment.
+INTERPRET = isinstance(kernels.elsa_fwd_kernel, InterpretedFunction)
 
 
 def _configs() -> list[triton.Config]:
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_P": 32}, num_warps=1)]
+    # The interpreter runs one config (its cost grows with every config benchmarked); a GPU benchmarks a few
+    # pixel-tile sizes per shape.
+    if INTERPRET:
+        return [triton.Config({"BLOCK_P": 64}, num_warps=1)]
     return [
         triton.Config({"BLOCK_P": 32}, num_warps=2),
         triton.Config({"BLOCK_P": 64}, num_warps=4),
