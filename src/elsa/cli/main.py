@@ -19,6 +19,7 @@ SUBCOMMANDS = [
     "elsa.cli.plot",
     "elsa.cli.seg",
     "elsa.cli.det",
+    "elsa.cli.benchmark",
 ]
 
 
