@@ -82,7 +82,7 @@ def _validate(data: Path, ckpt: Path, tmp_path: Path, *extra: str) -> dict:
     return json.loads(out.read_text())
 
 
-def test_validate_matches_independent_accuracy(data, checkpoints, tmp_path, capsys):
+def test_validate_matches_independent_accuracy(data, checkpoints, tmp_path, capsys, caplog):
     images, labels = _load_folder(data)
     top1_a, loss_a = _expected(checkpoints["A"], images, labels)
     top1_b, loss_b = _expected(checkpoints["B"], images, labels)
@@ -97,6 +97,11 @@ def test_validate_matches_independent_accuracy(data, checkpoints, tmp_path, caps
 
     ema = _validate(data, checkpoints["pth"], tmp_path, "--use-ema")
     assert ema["use_ema"] and ema["loss"] == pytest.approx(loss_b, abs=1e-4) and ema["top1"] == pytest.approx(top1_b)
+
+    # --use-ema on a file without EMA weights: timm's rule, the regular weights, with a warning.
+    caplog.clear()
+    fallback = _validate(data, checkpoints["safetensors"], tmp_path, "--use-ema")
+    assert fallback["loss"] == pytest.approx(loss_a, abs=1e-4) and "state_dict_ema" in caplog.text
 
     st = _validate(data, checkpoints["safetensors"], tmp_path, "--split", "val", "--num-samples", "7")
     assert st["num_images"] == 7
@@ -129,8 +134,6 @@ def test_validate_errors(data, checkpoints, tmp_path, capsys):
 
     no_ema = tmp_path / "plain.pth"
     torch_save(checkpoints["A"], no_ema)
-    rc = main(["validate", str(data), "--model", MODEL, "--checkpoint", str(no_ema), "--use-ema", "-j", "0"])
-    assert rc == 2 and "state_dict_ema" in capsys.readouterr().err
 
     rc = main(["validate", str(data), "--model", MODEL, "--checkpoint", str(no_ema), "--num-classes", "5"])
     assert rc == 2 and "shape mismatch for head.weight" in capsys.readouterr().err
@@ -139,6 +142,9 @@ def test_validate_errors(data, checkpoints, tmp_path, capsys):
     save_safetensors(timm.create_model(MODEL, num_classes=2).state_dict(), two)
     rc = main(["validate", str(data), "--model", MODEL, "--checkpoint", str(two), "-j", "0", "--no-progress"])
     assert rc == 2 and "the data has label 2 but the model has 2 classes" in capsys.readouterr().err
+
+    rc = main(["validate", str(data), "--model", MODEL, "--checkpoint", str(no_ema), "--device", "gpu0"])
+    assert rc == 2 and "--device: 'gpu0' is not a device name" in capsys.readouterr().err
 
     rc = main(["validate", str(tmp_path / "missing"), "--model", MODEL, "--checkpoint", str(no_ema)])
     assert rc == 2 and "DATA" in capsys.readouterr().err

@@ -68,21 +68,19 @@ def create_model_from_checkpoint(
     """A timm model in eval mode with the weights of ``checkpoint`` (official ``.pth``, training checkpoint with
     ``state_dict``/``state_dict_ema``, or ``.safetensors``); ``num_classes`` is read from the file when None.
 
-    ``use_ema`` on a file without EMA weights falls back to its regular weights, as timm's validate does, and
-    says so in a warning."""
+    ``use_ema`` on a file without EMA weights falls back to its regular weights (``load_checkpoint`` warns), as
+    timm's validate does."""
     if not timm.models.is_model(model_name):
         raise ToolError(f"--model: unknown model {model_name!r} (see `elsa models` or timm.list_models())")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise ToolError(f"--checkpoint: file {str(checkpoint)!r} does not exist")
-    if checkpoint is not None and (num_classes is None or use_ema):
+    if checkpoint is not None and num_classes is None:
         raw = read_state_dict(checkpoint)
-        if use_ema and isinstance(raw, dict) and not any(isinstance(raw.get(k), dict) for k in _EMA_KEYS):
-            _logger.warning("--use-ema: %s holds no EMA weights (%s); using its regular weights", checkpoint,
-                            " / ".join(_EMA_KEYS))
-        if num_classes is None:
-            num_classes = _classifier_rows(model_name, unwrap_state_dict(raw, use_ema=use_ema))
-            if num_classes is not None:
-                _logger.info("num_classes=%d, from the checkpoint's classifier", num_classes)
+        # Without EMA weights, load_checkpoint falls back to the regular ones (and warns once, there).
+        has_ema = isinstance(raw, dict) and any(isinstance(raw.get(k), dict) for k in _EMA_KEYS)
+        num_classes = _classifier_rows(model_name, unwrap_state_dict(raw, use_ema=use_ema and has_ema))
+        if num_classes is not None:
+            _logger.info("num_classes=%d, from the checkpoint's classifier", num_classes)
     if num_classes is not None:
         if num_classes < 0:
             raise ToolError(f"--num-classes must be >= 0, got {num_classes}")
