@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
@@ -45,7 +43,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict:
             raise CheckpointError(f"{path} is not a valid .safetensors file (truncated or another format): {err}") from err
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError, AttributeError) as err:
+    except Exception as err:  # noqa: BLE001 - torch raises many types for foreign bytes (IndexError, KeyError, ...)
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated, corrupt, or holding objects other than "
             f"tensors, which weights_only=True refuses): {err}") from err
@@ -56,14 +54,14 @@ def unwrap_state_dict(checkpoint: dict, use_ema: bool = False) -> dict:
     ``use_ema``), with any DataParallel/DDP ``module.`` prefix removed."""
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"expected a dict of tensors, got {type(checkpoint).__name__}")
+    if use_ema and not any(isinstance(checkpoint.get(k), dict) for k in _EMA_KEYS):
+        # As timm does: fall back to the regular weights, but say so (only ELSA-Swin-B was released with EMA).
+        _logger.warning("use_ema=True but the checkpoint has none of %s; using its regular weights", list(_EMA_KEYS))
     keys = (_EMA_KEYS + _NESTED_KEYS) if use_ema else _NESTED_KEYS
     for key in keys:
         if isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
             break
-    else:
-        if use_ema:
-            raise CheckpointError(f"use_ema=True but the checkpoint has none of {list(_EMA_KEYS)}")
     state_dict = {}
     for k, v in checkpoint.items():
         if not isinstance(v, torch.Tensor):

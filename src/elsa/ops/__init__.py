@@ -69,7 +69,7 @@ def _triton_softmax_aggregate() -> AggregateFn:
 BACKENDS: dict[str, Backend] = {
     "triton": Backend("triton", _triton_why_not, _triton_aggregate, auto_devices=("cuda",),
                       softmax_aggregate=_triton_softmax_aggregate),
-    "native": Backend("native", _any_device, lambda: native.aggregate, auto_devices=("cpu", "cuda")),
+    "native": Backend("native", _any_device, lambda: native.aggregate, auto_devices=("cpu", "cuda", "meta")),
     "reference": Backend("reference", _any_device, lambda: reference.aggregate, auto_devices=()),
 }
 
