@@ -88,7 +88,7 @@ def test_validate_matches_independent_accuracy(data, checkpoints, tmp_path, caps
     top1_b, loss_b = _expected(checkpoints["B"], images, labels)
     assert abs(loss_a - loss_b) > 1e-3  # the two weight sets are distinguishable through the loss
 
-    # Official README flags, verbatim; nested `module.`-prefixed state_dict; num_classes read from the file.
+    # Official README flags (--apex-amp aside); nested `module.`-prefixed state_dict; num_classes from the file.
     res = _validate(data, checkpoints["pth"], tmp_path, "--no-test-pool", "--img-size", "32")
     assert res["num_images"] == 12 and res["topk"] == NUM_CLASSES
     assert res["top1"] == pytest.approx(top1_a) and res["loss"] == pytest.approx(loss_a, abs=1e-4)
