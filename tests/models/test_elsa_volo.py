@@ -141,3 +141,25 @@ def test_load_volo_weights_rejects_other_variants_and_bad_files(tmp_path, d1):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError):
         load_volo_weights(d1, bad)
+
+
+def test_fine_tune_start_resamples_pos_embed_through_timm_pretrained_loading(tmp_path, d1):
+    # the recipes' --pretrained-path route: a checkpoint trained at one size loads into the model at another
+    path = tmp_path / "d1_32.pth"
+    torch.save({"state_dict": d1.state_dict(), "epoch": 1}, path)
+    bigger = timm.create_model("elsa_volo_d1_224", img_size=64, num_classes=5, pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(path)))
+    assert bigger.pos_embed.shape[1:3] == (4, 4)
+    torch.testing.assert_close(bigger.network[0][1].attn.ghost_head, d1.network[0][1].attn.ghost_head)
+
+
+def test_volo_recipes_load_and_name_registered_models():
+    from elsa.train.config import TrainConfig, list_recipes, load_recipe
+
+    recipes = [r for r in list_recipes() if r.startswith("elsa_volo_")]
+    assert {f"elsa_volo_d{i}_in1k" for i in range(1, 6)} <= set(recipes)
+    for name in recipes:
+        values = load_recipe(name)
+        cfg = TrainConfig(**values)
+        assert timm.is_model(cfg.model) and cfg.opt == "adamw" and cfg.drop_path is not None
+        assert cfg.img_size == timm.get_pretrained_cfg(cfg.model).input_size[-1]
