@@ -8,6 +8,7 @@ import pytest
 import torch
 
 pytest.importorskip("pycocotools")
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
 from PIL import Image  # noqa: E402
 
 from elsa.dense.detection.data import CocoInstances, TrainTransform, _crop, _flip, _resize, coco_paths  # noqa: E402
