@@ -71,6 +71,11 @@ def test_precedence_defaults_recipe_config_flags(tmp_path):
     assert cfg.momentum == 0.9  # default
 
 
+def test_in1k_recipe_needs_data():
+    with pytest.raises(ValueError, match="pass DATA"):
+        validate_config(config_of("train --recipe elsa_swin_base_in1k"))
+
+
 def test_config_file_errors(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("epochz: 3\n")

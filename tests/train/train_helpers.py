@@ -62,7 +62,7 @@ def read_jsonl(path: Path) -> List[Dict]:
 
 
 # How subprocess tests start the command: the real console entry, as users and torchrun run it.
-ENTRY = ["/tmp/entry.py"]
+ENTRY = ["-m", "elsa"]
 
 
 def free_port() -> int:

@@ -204,6 +204,8 @@ def validate_config(cfg: TrainConfig) -> None:
     for name in ("validation_batch_size", "train_subset", "val_subset", "max_steps_per_epoch", "num_classes",
                  "img_size", "lr_base_size", "threads", "stop_after_epochs"):
         positive(name, allow_none=True)
+    if cfg.data is None and cfg.recipe not in (None, "digits"):
+        raise ValueError(f"--recipe {cfg.recipe} trains on a data folder: pass DATA (a folder with train/ and val/)")
     if cfg.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {cfg.workers}")
     if cfg.warmup_epochs < 0 or cfg.warmup_epochs >= cfg.epochs + cfg.cooldown_epochs + 1:

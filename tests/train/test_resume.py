@@ -1,0 +1,110 @@
+"""Checkpoints: atomic files that load with weights_only=True, a SIGKILLed run resumes to the end, and a resumed
+run continues exactly as an uninterrupted one (model, optimizer, schedule, EMA, step and RNG restored)."""
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from elsa.models._checkpoint import CheckpointError
+from train_helpers import elsa_subprocess, read_jsonl, run_train
+
+TINY = ["digits", "--train-subset", "64", "--val-subset", "40", "-b", "16", "--warmup-epochs", "0", "-j", "0",
+        "--no-progress"]
+
+
+def _load_all_checkpoints(run_dir: Path) -> dict:
+    loaded = {}
+    for f in sorted(run_dir.iterdir()):
+        if f.name.endswith(".pth"):
+            loaded[f.name] = torch.load(f, map_location="cpu", weights_only=True)  # never half-written
+    return loaded
+
+
+def test_sigkill_mid_epoch_then_resume(tmp_path):
+    out, run_dir = tmp_path / "runs", tmp_path / "runs" / "r"
+    proc = elsa_subprocess(["train", *TINY, "--epochs", "3", "--output", str(out), "--experiment", "r"])
+    try:
+        deadline = time.time() + 240
+        while not (run_dir / "last.pth").exists():
+            assert proc.poll() is None, f"training ended early:\n{proc.stdout.read()}"
+            assert time.time() < deadline, "no checkpoint after 240 s"
+            time.sleep(0.2)
+        time.sleep(0.5)  # into the next epoch (or its checkpoint write: either way the files must stay whole)
+        assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed = _load_all_checkpoints(run_dir)
+    assert "last.pth" in killed and 1 <= killed["last.pth"]["epoch"] < 3
+
+    assert run_train(["--resume", str(run_dir / "last.pth"), "--no-progress"]) == 0  # options from the checkpoint
+    final = _load_all_checkpoints(run_dir)
+    assert final["last.pth"]["epoch"] == 3 and final["last.pth"]["global_step"] == 3 * 4
+    assert final["best.pth"]["epoch"] == final["last.pth"]["best_epoch"]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert max(r["val_top1"] for r in rows) == pytest.approx(final["last.pth"]["best_top1"])
+    assert (run_dir / "model.safetensors").is_file()
+    leftovers = [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    assert all(not name.endswith(".pth") for name in leftovers)
+
+
+def test_resume_continues_exactly(tmp_path):
+    """2 epochs straight == 1 epoch, then --resume for the 2nd (with EMA, random-shift augmentation, grad clip)."""
+    common = [*TINY, "--epochs", "2", "--model-ema", "--model-ema-decay", "0.9", "--clip-grad", "1",
+              "--output", str(tmp_path)]
+    assert run_train([*common, "--experiment", "straight"]) == 0
+    assert run_train([*common, "--experiment", "split", "--stop-after-epochs", "1"]) == 0
+    first = torch.load(tmp_path / "split" / "last.pth", weights_only=True)
+    assert first["epoch"] == 1
+    assert not (tmp_path / "split" / "model.safetensors").exists()  # not finished yet
+    assert run_train(["--resume", str(tmp_path / "split" / "last.pth")]) == 0
+    a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and a["global_step"] == b["global_step"]
+    for key in ("state_dict", "state_dict_ema"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=0, msg=f"{key}.{name}")
+    assert read_jsonl(tmp_path / "straight" / "metrics.jsonl")[1]["train_loss"] == pytest.approx(
+        read_jsonl(tmp_path / "split" / "metrics.jsonl")[1]["train_loss"], rel=1e-6)
+
+
+def test_resume_rejects_a_weights_only_file(tmp_path, caplog):
+    f = tmp_path / "w.pth"
+    torch.save({"head.weight": torch.zeros(1)}, f)
+    assert run_train([*TINY, "--epochs", "1", "--resume", str(f)]) == 2
+    assert "not an `elsa train` checkpoint" in caplog.text
+    half = tmp_path / "half.pth"
+    half.write_bytes(b"PK\x03\x04 truncated")
+    assert run_train([*TINY, "--epochs", "1", "--resume", str(half)]) == 2
+    assert "not a readable checkpoint" in caplog.text
+    assert issubclass(CheckpointError, RuntimeError)
+
+
+def test_initial_checkpoint_loads_weights_and_keeps_a_new_head(tmp_path, caplog):
+    import logging
+
+    import timm
+    from safetensors.torch import load_file
+
+    import elsa  # noqa: F401
+
+    torch.manual_seed(123)
+    source = timm.create_model("elsa_swin_pico", num_classes=5)
+    torch.save({"state_dict": source.state_dict(), "epoch": 3}, tmp_path / "init.pth")
+    with caplog.at_level(logging.INFO):
+        rc = run_train(["digits", "--train-subset", "16", "--val-subset", "10", "-b", "16", "-j", "0", "--epochs", "1",
+                        "--lr", "1e-12", "--warmup-lr", "1e-12", "--min-lr", "1e-12", "--initial-checkpoint",
+                        str(tmp_path / "init.pth"), "--output", str(tmp_path), "--experiment", "i", "--no-progress"])
+    assert rc == 0 and "head.weight" in caplog.text
+    trained = load_file(str(tmp_path / "i" / "model.safetensors"))
+    assert trained["head.weight"].shape == (10, source.num_features)
+    for k, v in source.state_dict().items():
+        if not k.startswith("head."):
+            torch.testing.assert_close(trained[k], v, rtol=0, atol=1e-6, msg=k)
