@@ -8,20 +8,23 @@ from torch import Tensor
 
 
 def why_not(v: Tensor) -> Optional[str]:
-    """None when the Triton backend can run on tensors like ``v``, else the reason."""
+    """None when the Triton backend can run on tensors like ``v``, else the reason.
+
+    CUDA tensors run compiled kernels; CPU tensors run in Triton's interpreter, which needs TRITON_INTERPRET=1
+    both now and when the kernels were first imported (Triton decides how to run a kernel when it is defined).
+    """
     try:
         import triton  # noqa: F401
     except ImportError as err:  # pragma: no cover - triton ships with CUDA torch
         return f"triton is not importable ({err})"
+    on_cpu = v.device.type == "cpu"
+    if not (v.is_cuda or (on_cpu and os.environ.get("TRITON_INTERPRET") == "1")):
+        # Checked before importing the kernels, so that they are never defined in the wrong mode by this check.
+        return f"needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {v.device}"
     try:
         from . import op
     except ImportError as err:
         return f"the Triton kernels are not available ({err})"
-    if v.is_cuda:
-        return None
-    if v.device.type == "cpu" and op.INTERPRET:
-        return None
-    if v.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        # Triton decides between compiled and interpreted kernels when they are defined (on first import).
-        return "TRITON_INTERPRET=1 was set after the Triton kernels were imported; set it before importing elsa"
-    return f"needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {v.device}"
+    if on_cpu and not op.INTERPRET:
+        return "TRITON_INTERPRET=1 was set after the Triton kernels were imported; set it before importing them"
+    return None
