@@ -84,7 +84,6 @@ def copy_bandwidth(device: str) -> float:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     ms = time_fn(lambda: dst.copy_(src), device, budget_s=1.0)
-    del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
@@ -145,10 +144,6 @@ def bench_case(backend: str, entry: str, n: int, c: int, hw_side: int, dtype: to
             result["fwd_peak_mib"] = None
     except Exception as err:  # noqa: BLE001 - a failing backend is a result, not a crash
         result = {"error": "out of memory" if _is_oom(err) else f"{type(err).__name__}: {err}"[:300]}
-    finally:
-        del v, logits, attn, ghost, grad, leaves
-        if device == "cuda":
-            torch.cuda.empty_cache()
     return result
 
 
@@ -215,6 +210,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             for entry in entries:
                 for backend in backends:
                     res = bench_case(backend, entry, n, c, side, dtype, device, budget)
+                    if device == "cuda":
+                        torch.cuda.empty_cache()  # the case's tensors are freed; an OOM left nothing behind
                     row = dict(stage=stage, H=side, W=side, channels=channels, heads=heads, N=n, C=c,
                                kernel_size=KERNEL_SIZE, dtype=str(dtype).replace("torch.", ""), entry=entry,
                                backend=backend, **res)

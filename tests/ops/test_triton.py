@@ -18,7 +18,6 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from elsa.ops import elsa_aggregate, elsa_softmax_aggregate  # noqa: E402
-from elsa.ops import reference  # noqa: E402
 from elsa.ops.triton import why_not  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
