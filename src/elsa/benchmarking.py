@@ -251,7 +251,7 @@ def format_table(results: Sequence[BenchResult]) -> str:
         size = "x".join(str(v) for v in r.input_size[1:]) or "-"
         err = f" ({r.extra['error']})" if r.extra.get("error") else ""
         lines.append(f"| {r.model} | {r.mode} | {s['precision']} | {s['batch']} | {size} | {r.params_m:.1f} | "
-                     f"{r.images_per_s:.1f}{err} | {r.ms_per_iter:.1f} | {peak} | {ratio} |")
+                     f"{r.images_per_s:.3g}{err} | {r.ms_per_iter:.1f} | {peak} | {ratio} |")
     return "\n".join(lines)
 
 
