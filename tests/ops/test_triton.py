@@ -157,6 +157,13 @@ def test_non_contiguous(softmax):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+def test_float64_is_refused():
+    # The kernels compute in float32; float64 goes to another backend rather than losing precision silently.
+    v, attn, _, _ = _inputs(1, 2, 5, 5, 3, 1, False, False, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="float64"):
+        elsa_aggregate(v, attn, backend="triton")
+
+
 def test_extreme_logits():
     # -inf logits (masked neighbours) and large ones: the online softmax must stay finite.
     v, logits, m, d = _inputs(1, 2, 7, 9, 3, 1, True, True, logit_scale=30.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 
@@ -17,6 +18,9 @@ def why_not(v: Tensor) -> Optional[str]:
         import triton  # noqa: F401
     except ImportError as err:  # pragma: no cover - triton ships with CUDA torch
         return f"triton is not importable ({err})"
+    if v.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        # The kernels compute in float32: float64 would silently lose precision.
+        return f"supports float32, float16 and bfloat16, got {v.dtype}"
     on_cpu = v.device.type == "cpu"
     if not (v.is_cuda or (on_cpu and os.environ.get("TRITON_INTERPRET") == "1")):
         # Checked before importing the kernels, so that they are never defined in the wrong mode by this check.
