@@ -91,3 +91,10 @@ def test_config_file_errors(tmp_path):
 def test_bad_values_name_the_option(flag, match):
     with pytest.raises(ValueError, match=match):
         validate_config(config_of("train " + flag))
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_every_builtin_recipe_builds_a_valid_config(name):
+    cfg = config_of(f"train /data/somewhere --recipe {name}")
+    assert cfg.recipe == name
+    validate_config(cfg)
