@@ -83,7 +83,7 @@ def bench_one(name: str, args, device: torch.device) -> dict:
         else:
             loss.backward()
             opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     rss0 = _rss_mib()
     try:
@@ -152,8 +152,10 @@ def main() -> int:
             r = bench_one(name, args, device)
         print(json.dumps(r))
         results.append(r)
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'} " \
-        f"({torch.get_num_threads()} threads)"
+    import os
+
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     report = {"benchmark": "det_bench", "detector": "mask_rcnn (official 1x heads)",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": dev_name, "torch": torch.__version__, "amp_fp16": device.type == "cuda",
