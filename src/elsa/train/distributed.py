@@ -48,7 +48,6 @@ def resolve_device(device: Optional[str], local_rank: int = 0) -> torch.device:
 def init_distributed(device: Optional[str] = None) -> DistInfo:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1), else a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
     if world_size <= 1:

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from ..data import (SkipUnreadable, build_train_transform, collate_skipped, create_dataset, is_digits,
+from ..data import (SkipUnreadable, build_train_transform, collate_skipped, create_dataset,
                     resolve_model_data_config)
 from ..io import atomic_write, save_safetensors
 from .checkpoint import get_rng_state, load_training_checkpoint, save_checkpoint, set_rng_state
@@ -63,12 +63,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def resolve_run_dir(cfg: TrainConfig) -> Path:
-    """--output/--experiment; when resuming without them, the folder of the resumed checkpoint."""
+def resolve_run_dir(cfg: TrainConfig, img_size: Optional[int] = None) -> Path:
+    """--output/--experiment (default output/train/DATE-TIME-MODEL-SIZE); when resuming without them, the folder
+    of the resumed checkpoint."""
     if cfg.resume and cfg.output is None and cfg.experiment is None:
         return Path(cfg.resume).resolve().parent
     name = cfg.experiment or "-".join([datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), cfg.model,
-                                       str(cfg.img_size or "default")])
+                                       str(img_size or cfg.img_size or "default")])
     return Path(cfg.output or os.path.join("output", "train")) / name
 
 
@@ -302,7 +303,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # 6. run folder (rank 0 only writes)
-    run_dir = resolve_run_dir(cfg) if info.is_main else None
+    run_dir = resolve_run_dir(cfg, data_config["input_size"][-1]) if info.is_main else None
     log = None
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
