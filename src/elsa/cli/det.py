@@ -80,6 +80,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     output = Path(args.output or f"output/det/{recipe.name}")
     summary = train(model, recipe, datasets["train"], output, val_set=datasets.get("val"), resume=args.resume,
                     eval_interval=args.eval_interval, progress=not args.no_progress)
+    if summary["rank"] != 0:
+        return 0
     stats = {"bbox_train": dict(datasets["train"].stats)}
     print(f"trained {summary['iterations']} iterations ({summary['epochs']} epochs) in {summary['seconds']:.0f}s; "
           f"checkpoint {summary['checkpoint']}; data cleaning: {stats['bbox_train']}")
@@ -238,3 +240,16 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         print(f"| {name} | {r.arch} | {r.backbone} | {r.drop_path_rate} | {r.epochs} | {list(r.lr_steps)} | "
               f"{r.lr:g} | {r.weight_decay:g} |")
     return 0
+
+
+def main(argv=None) -> int:
+    """``python -m elsa.cli.det ACTION ...``: the same as ``elsa det ACTION ...`` (used under torchrun)."""
+    parser = argparse.ArgumentParser(prog="elsa")
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["det", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

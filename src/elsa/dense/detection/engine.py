@@ -115,7 +115,8 @@ def train(model: nn.Module, recipe: DetRecipe, train_set: CocoInstances, output:
                      world * recipe.batch_size, recipe.lr)
     model.to(device)
     if world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the official cascade heads use SyncBN
+        if device.type == "cuda":  # the official cascade heads use SyncBN (CUDA only in PyTorch)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     sampler = torch.utils.data.DistributedSampler(train_set, shuffle=True) if world > 1 else None
     loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=sampler is None, sampler=sampler,
@@ -191,7 +192,7 @@ def train(model: nn.Module, recipe: DetRecipe, train_set: CocoInstances, output:
         if rank == 0:
             _write_json(output / "metrics.json", metrics)
     return {"iterations": iteration, "epochs": epoch, "last_losses": last, "metrics": metrics,
-            "checkpoint": str(ckpt_path), "seconds": time.time() - t0}
+            "checkpoint": str(ckpt_path), "seconds": time.time() - t0, "rank": rank}
 
 
 def _write_json(path: Path, obj: Any) -> None:
