@@ -97,3 +97,13 @@ def test_bad_layer_arguments():
         ELSA(16, 2, kernel_size=4)
     with pytest.raises(ValueError, match=r"dim_v \(16\) must be divisible by num_heads \(3\)"):
         ELSA(16, 3)
+
+
+def test_autocast_keeps_one_dtype_for_the_operator():
+    """Under bf16 autocast the ghost parameters stay float32; the layer hands the op a single dtype."""
+    torch.manual_seed(0)
+    block = ELSABlock(16, num_heads=2, kernel_size=3, group_width=4, lam=1, gamma=1).eval()
+    x = torch.randn(2, 6, 7, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = block(x)
+    torch.testing.assert_close(low.float(), block(x), atol=0.1, rtol=0.05)

@@ -29,7 +29,7 @@ def fresh():
     return timm.create_model("elsa_swin_pico").eval()
 
 
-@pytest.mark.parametrize("layout", ["top", "state_dict", "model", "module_prefix"])
+@pytest.mark.parametrize("layout", ["top", "state_dict", "model", "module_prefix", "timm_train"])
 def test_official_pth_layouts(tmp_path, trained, layout):
     sd = trained.state_dict()
     payload = {
@@ -37,6 +37,9 @@ def test_official_pth_layouts(tmp_path, trained, layout):
         "state_dict": {"state_dict": sd, "epoch": 299, "arch": "elsa_swin_pico"},
         "model": {"model": sd},
         "module_prefix": {"state_dict": {"module." + k: v for k, v in sd.items()}},
+        # what timm's (and the official) train.py writes: the argparse.Namespace of the run beside the weights
+        "timm_train": {"epoch": 10, "arch": "elsa_swin_pico", "state_dict": sd,
+                       "args": __import__("argparse").Namespace(lr=1e-3, model="elsa_swin_pico")},
     }[layout]
     path = tmp_path / "official.pth"
     torch.save(payload, path)

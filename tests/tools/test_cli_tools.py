@@ -297,3 +297,12 @@ def test_attention_maps_with_both_ghosts():
     torch.testing.assert_close(maps.ghost_mul, m)
     torch.testing.assert_close(maps.ghost_add, d)
     torch.testing.assert_close(maps.combined, maps.attention * m + d)
+
+
+def test_validate_apex_amp_flag_runs_autocast(data, checkpoints, tmp_path):
+    """The official `--apex-amp` maps to native autocast (bfloat16 on CPU): same scores up to rounding."""
+    images, labels = _load_folder(data)
+    _, loss_a = _expected(checkpoints["A"], images, labels)
+    res = _validate(data, checkpoints["pth"], tmp_path, "--apex-amp", "--num-samples", "6")
+    _, loss_6 = _expected(checkpoints["A"], images[:6], labels[:6])
+    assert res["amp"] is True and res["loss"] == pytest.approx(loss_6, abs=0.05)

@@ -141,7 +141,9 @@ class ELSA(nn.Module):
         ho, wo = logits.shape[-2:]
         logits = logits.reshape(b * g, kk, ho, wo)
         v = v.reshape(b * g, self.dim_v // g, h, w)
-        mul, add = self.ghosts(b)
+        # under autocast v is half precision while the ghost parameters stay float32: the op wants one dtype
+        mul, add = (None if t is None else t.to(v.dtype) for t in self.ghosts(b))
+        logits = logits.to(v.dtype)
         geometry = dict(kernel_size=self.kernel_size, dilation=self.dilation, stride=self.stride, backend=self.backend)
         if self.training and self.attn_drop.p > 0:
             attn = self.attn_drop(logits.softmax(dim=1))

@@ -1,6 +1,7 @@
 """Reading official and our own checkpoint files, safely, with errors that say what is wrong."""
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from dataclasses import dataclass, field
@@ -42,7 +43,9 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict:
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"{path} is not a valid .safetensors file (truncated or another format): {err}") from err
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # timm's training script (the official one) stores its argparse.Namespace beside the weights
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for foreign bytes (IndexError, KeyError, ...)
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated, corrupt, or holding objects other than "
