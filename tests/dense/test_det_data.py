@@ -134,3 +134,31 @@ def test_synthetic_coco_is_valid_coco(tmp_path):
         x0, y0, x1, y1 = _mask_box(m)
         assert x0 >= b[0] - 1 and y0 >= b[1] - 1 and x1 <= b[2] + 1 and y1 <= b[3] + 1
         assert m.sum() > 0.5 * (b[2] - b[0]) * (b[3] - b[1])
+
+
+def test_aspect_ratio_batches_are_homogeneous_and_sharded():
+    from elsa.dense.detection.data import AspectRatioBatchSampler
+
+    class Fake:
+        sizes = [(100, 50), (50, 100), (80, 60), (60, 80), (90, 30), (30, 90), (70, 20)]
+
+        def __len__(self):
+            return len(self.sizes)
+
+        def image_info(self, i):
+            return {"width": self.sizes[i][0], "height": self.sizes[i][1]}
+
+    ds = Fake()
+    s = AspectRatioBatchSampler(ds, batch_size=2, seed=1)
+    batches = list(s)
+    assert len(batches) == len(s) == 4  # 4 landscape -> 2 batches, 3 portrait -> 2 batches
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    for b in batches:
+        assert len({ds.sizes[i][0] > ds.sizes[i][1] for i in b}) == 1
+    s.set_epoch(1)
+    assert sorted(i for b in s for i in b) == list(range(7))
+    r0 = AspectRatioBatchSampler(ds, 2, rank=0, world_size=2, seed=1)
+    r1 = AspectRatioBatchSampler(ds, 2, rank=1, world_size=2, seed=1)
+    b0, b1 = list(r0), list(r1)
+    assert len(b0) == len(b1) == len(r0) == 2
+    assert sorted(i for b in b0 + b1 for i in b) == list(range(7))  # together: every image once

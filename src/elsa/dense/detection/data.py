@@ -241,6 +241,45 @@ class TrainTransform:
         return _resize(image, target, random.choice(self.scales), self.max_size)
 
 
+class AspectRatioBatchSampler(torch.utils.data.Sampler):
+    """Batches of images that are all landscape (w > h) or all portrait, as mmdetection's (Distributed)GroupSampler,
+    so padding a batch to its largest image wastes little. Each epoch shuffles within the two groups, cuts
+    batches, shuffles the batches and gives rank r every world-th batch (same seed + epoch on every rank).
+    Call ``set_epoch`` each epoch. The last incomplete batch of a group is kept."""
+
+    def __init__(self, dataset: "CocoInstances", batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.groups: Dict[bool, List[int]] = {True: [], False: []}
+        for i in range(len(dataset)):
+            info = dataset.image_info(i)
+            self.groups[info["width"] > info["height"]].append(i)
+        self.batch_size, self.rank, self.world, self.seed, self.epoch = batch_size, rank, world_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> List[List[int]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        batches = []
+        for idx in self.groups.values():
+            perm = [idx[int(j)] for j in torch.randperm(len(idx), generator=g)]
+            batches += [perm[k:k + self.batch_size] for k in range(0, len(perm), self.batch_size)]
+        order = torch.randperm(len(batches), generator=g).tolist()
+        batches = [batches[i] for i in order]
+        n = -(-len(batches) // self.world) * self.world  # equal count per rank: repeat a few batches
+        batches = (batches * (n // max(len(batches), 1) + 1))[:n] if batches else []
+        return batches[self.rank::self.world]
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        n = sum(-(-len(v) // self.batch_size) for v in self.groups.values())
+        return -(-n // self.world)
+
+
 def collate(batch: List[Tuple[Tensor, Target]]) -> Tuple[List[Tensor], List[Target]]:
     """Detection batches are lists (images differ in size; the model pads them)."""
     return [b[0] for b in batch], [b[1] for b in batch]

@@ -1,6 +1,6 @@
 """Training and evaluation loops for ``elsa det``: AdamW with mmcv's paramwise rule, step schedule with linear
-warm-up (per iteration, as mmcv's LrUpdaterHook), fp16 autocast with loss scaling on CUDA, DDP under torchrun,
-atomic checkpoints with resume, COCO evaluation."""
+warm-up (per iteration, as mmcv's LrUpdaterHook), fp16 autocast with loss scaling on CUDA, DDP under torchrun
+(batches grouped by aspect ratio and sharded per rank), atomic checkpoints with resume, COCO evaluation."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from ...io import atomic_write, torch_save
 from ..recipes_det import DetRecipe
-from .data import CocoInstances, collate
+from .data import AspectRatioBatchSampler, CocoInstances, collate
 from .evaluation import CocoEvaluator, load_coco
 
 _logger = logging.getLogger(__name__)
@@ -118,9 +118,8 @@ def train(model: nn.Module, recipe: DetRecipe, train_set: CocoInstances, output:
         if device.type == "cuda":  # the official cascade heads use SyncBN (CUDA only in PyTorch)
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    sampler = torch.utils.data.DistributedSampler(train_set, shuffle=True) if world > 1 else None
-    loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=recipe.workers, collate_fn=collate, drop_last=False,
+    sampler = AspectRatioBatchSampler(train_set, recipe.batch_size, rank=rank, world_size=world)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=recipe.workers, collate_fn=collate,
                         persistent_workers=recipe.workers > 0)
     total, steps = schedule(recipe, len(loader))
     optimizer = build_optimizer(_unwrap(model), recipe)
@@ -144,13 +143,14 @@ def train(model: nn.Module, recipe: DetRecipe, train_set: CocoInstances, output:
         _logger.info("resumed from %s at epoch %d, iteration %d", ckpt_path, epoch, iteration)
     log_file = output / "log.jsonl"
     last: Dict[str, float] = {}
+    window: Dict[str, float] = {}
+    window_n = 0
     metrics: Dict[str, Any] = {}
     bar = tqdm(total=total, initial=iteration, disable=not progress or rank != 0, desc="det train", dynamic_ncols=True)
     t0 = time.time()
     while iteration < total:
         model.train()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         for images, targets in loader:
             if iteration >= total:
                 break
@@ -174,12 +174,18 @@ def train(model: nn.Module, recipe: DetRecipe, train_set: CocoInstances, output:
             iteration += 1
             last = {k: float(v.detach()) for k, v in losses.items()}
             last["loss"] = float(loss.detach())
+            for k, v in last.items():
+                window[k] = window.get(k, 0.0) + v
+            window_n += 1
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
             if rank == 0 and (iteration % log_interval == 0 or iteration == total):
+                # losses averaged over the iterations since the previous line (as mmcv's text logger)
                 with open(log_file, "a") as f:
                     f.write(json.dumps({"iter": iteration, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                                        "time": round(time.time() - t0, 2), **last}) + "\n")
+                                        "time": round(time.time() - t0, 2),
+                                        **{k: v / window_n for k, v in window.items()}}) + "\n")
+                window, window_n = {}, 0
         epoch += 1
         if rank == 0:
             torch_save(checkpoint_state(model, optimizer, scheduler, scaler, epoch, iteration, recipe, meta),
