@@ -125,7 +125,7 @@ class ELSAVOLO(VOLO):
         aux head it returns the class logits only; in eval mode, ``forward``'s logits.
         """
         if not self.training or self.aux_head is None:
-            return self.forward(x) if not self.training else self.forward_head(self.forward_features(x))
+            return self.forward(x)
         x = self.patch_embed(x).permute(0, 2, 3, 1)  # (B, H, W, C)
         grid_h, grid_w = x.shape[1] // self.pooling_scale, x.shape[2] // self.pooling_scale  # token grid
         bbox = (0, 0, 0, 0)
