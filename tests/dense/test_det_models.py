@@ -155,3 +155,23 @@ def test_bad_recipe_values_name_the_argument():
         get_recipe("mask_rcnn_tiny_test", num_clases=3)
     with pytest.raises(ValueError, match="box_head"):
         build_detector(get_recipe("mask_rcnn_tiny_test", box_head="3fc"))
+
+
+def test_pretrained_classifier_loads_into_detector_backbone(tmp_path):
+    """`elsa det train --pretrained CLS_CKPT` path: the classifier's weights land in the detector's backbone."""
+    import timm
+
+    import elsa.models  # noqa: F401  (registers the ELSA-Swin models)
+
+    r = get_recipe("mask_rcnn_tiny_test")
+    cls = timm.create_model(r.backbone, num_classes=5, **r.backbone_kwargs)
+    path = tmp_path / "cls.pth"
+    torch.save({"state_dict": cls.state_dict()}, path)
+    det = build_detector(r)
+    report = det.backbone.body.load_pretrained(path)
+    assert not [k for k in report.missing if not k.startswith("norm")]  # only the per-stage output norms are new
+    body = det.backbone.body.state_dict()
+    for k, v in cls.state_dict().items():
+        if k in body:
+            assert torch.equal(body[k], v), k
+    assert "layers.0.blocks.0.attn.ghost_head" in body

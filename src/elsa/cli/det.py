@@ -39,6 +39,8 @@ def _recipe(args: argparse.Namespace, meta_recipe: Dict[str, Any] | None = None)
         overrides["test_size"] = (short, long)
     if getattr(args, "no_amp", False):
         overrides["amp"] = False
+    if getattr(args, "grad_checkpointing", False):
+        overrides["grad_checkpointing"] = True
     if meta_recipe is not None and args.recipe is None:
         return DetRecipe.from_dict(meta_recipe).replace(**overrides)
     return get_recipe(args.recipe or "mask_rcnn_elsa_swin_tiny_1x", **overrides)
@@ -201,7 +203,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--train-scales", default=None, help="comma-separated short sides for training resize")
-    p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--no-amp", action="store_true", help="float32 training on CUDA (default: fp16 autocast)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute backbone blocks to save memory")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 
@@ -237,7 +240,8 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     print("| recipe | detector | backbone | drop-path | epochs | lr steps | lr | wd |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in sorted(RECIPES.items()):
-        print(f"| {name} | {r.arch} | {r.backbone} | {r.drop_path_rate} | {r.epochs} | {list(r.lr_steps)} | "
+        backbone = r.backbone + (" (small: " + json.dumps(r.backbone_kwargs) + ")" if r.backbone_kwargs else "")
+        print(f"| {name} | {r.arch} | {backbone} | {r.drop_path_rate} | {r.epochs} | {list(r.lr_steps)} | "
               f"{r.lr:g} | {r.weight_decay:g} |")
     return 0
 
