@@ -98,3 +98,14 @@ def test_elsa_swin_tiny_matches_the_spec_4_8_gflops():
     model = timm.create_model("elsa_swin_tiny").to("meta")  # built on CPU: its constructor reads a linspace
     gmacs = count_flops(model) / 1e9
     assert abs(gmacs / 4.8 - 1) < 0.02, gmacs
+
+
+def test_every_elsa_custom_op_has_a_formula():
+    # a new elsa:: op without a formula would silently count 0 FLOPs
+    try:
+        import elsa.ops.triton.op  # noqa: F401
+    except ImportError:
+        pass
+    names = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("elsa::")}
+    assert "native_aggregate" in names
+    assert names <= set(register_elsa_flop_formulas())
