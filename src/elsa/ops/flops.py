@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-import os
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -124,18 +123,12 @@ def count_flops(
     if device.type == "cuda":
         _load_triton_ops()
     register_elsa_flop_formulas()
-    # On the meta device automatic selection picks the uncountable unfold reference; the native op has a fake
-    # (meta) implementation and a formula, so it is forced there for the count (layers with an explicit
-    # backend keep theirs). ELSA_BACKEND is read at call time, and restored below.
-    forced_backend = "native" if device.type == "meta" and not os.environ.get("ELSA_BACKEND") else None
+    # On the meta device the dispatcher picks the native op (it has a fake implementation and a formula here).
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     x = torch.zeros(tuple(int(s) for s in input_size), device=device, dtype=dtype)
     was_training = model.training
     model.eval()
-    previous_env = os.environ.get("ELSA_BACKEND")
-    if forced_backend:
-        os.environ["ELSA_BACKEND"] = forced_backend
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             if forward is None:
@@ -144,9 +137,4 @@ def count_flops(
                 forward(model, x)
     finally:
         model.train(was_training)
-        if forced_backend:
-            if previous_env is None:
-                os.environ.pop("ELSA_BACKEND", None)
-            else:
-                os.environ["ELSA_BACKEND"] = previous_env
     return counter.get_total_flops() // 2
