@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from elsa.dense.detection import build_detector
+from torchvision.models.detection.rpn import RegionProposalNetwork
+
 from elsa.dense.detection.cascade import CascadeRoIHeads
+from elsa.dense.detection.models import L1RegionProposalNetwork, L1RoIHeads
 from elsa.dense.detection.engine import lr_factor, param_groups, schedule
 from elsa.dense.recipes_det import RECIPES, get_recipe
 
@@ -48,6 +51,35 @@ def test_official_mask_rcnn_settings():
     assert rh.box_head.fc6.out_features == 1024 and rh.box_predictor.cls_score.out_features == 81
     assert len(rh.mask_head) == 4 and rh.box_roi_pool.sampling_ratio == 0
     assert (m.transform.min_size, m.transform.max_size) == ((800,), 1333)
+    assert isinstance(m.rpn, L1RegionProposalNetwork) and isinstance(rh, L1RoIHeads)  # config: L1Loss for both
+    c = build_detector(get_recipe("cascade_mask_rcnn_elsa_swin_tiny_1x", backbone_kwargs=dict(depths=(1, 1, 1, 1))))
+    assert type(c.rpn) is RegionProposalNetwork  # cascade config: SmoothL1Loss(beta=1/9) = torchvision's RPN loss
+    assert c.rpn._post_nms_top_n == {"training": 2000, "testing": 1000}
+
+
+def test_mask_rcnn_l1_losses_match_hand_computation():
+    """With the box predictor's deltas fixed to zero, the RoI box loss is sum |targets| of the positives / sampled."""
+    torch.manual_seed(0)
+    m = build_detector(get_recipe("mask_rcnn_tiny_test")).train()
+    images, targets = _batch()
+    m.roi_heads.box_predictor.bbox_pred.weight.data.zero_()
+    m.roi_heads.box_predictor.bbox_pred.bias.data.zero_()
+    captured = {}
+    orig = m.roi_heads.select_training_samples
+
+    def spy(proposals, targets):
+        out = orig(proposals, targets)
+        captured["labels"], captured["targets"] = out[2], out[3]
+        return out
+
+    m.roi_heads.select_training_samples = spy
+    losses = m(images, targets)
+    labels, regs = torch.cat(captured["labels"]), torch.cat(captured["targets"])
+    expected = regs[labels > 0].abs().sum() / labels.numel()
+    assert losses["loss_box_reg"].item() == pytest.approx(expected.item(), rel=1e-5)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert all(p.grad is not None for p in m.roi_heads.mask_head.parameters())
 
 
 def test_recipes_match_official_table():

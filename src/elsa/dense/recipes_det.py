@@ -41,6 +41,10 @@ class DetRecipe:
     rpn_bg_iou_thresh: float = 0.3
     rpn_batch_size_per_image: int = 256
     rpn_positive_fraction: float = 0.5
+    # box regression losses: "l1" (mmdet L1Loss, the official Mask R-CNN config) or "smooth_l1" (beta 1/9,
+    # torchvision's choice and the official cascade config's RPN loss)
+    rpn_box_loss: str = "l1"
+    rcnn_box_loss: str = "l1"
     box_head: str = "2fc"  # "2fc" (Shared2FCBBoxHead) | "4conv1fc" (ConvFCBBoxHead, 4 convs + BN + 1 fc)
     representation_size: int = 1024
     box_batch_size_per_image: int = 512
@@ -126,7 +130,7 @@ def _official(arch: str, size: str, schedule: str) -> DetRecipe:
     if arch == "cascade_mask_rcnn":
         # cascade base: rpn_proposal max_per_img 2000 in training; the elsa_swin/cascade_* files replace the
         # Shared2FC heads by ConvFCBBoxHead(4 convs + SyncBN, 1 fc), class-specific, GIoU loss x10 on decoded boxes.
-        r = r.replace(rpn_post_nms_top_n_train=2000, box_head="4conv1fc", cascade_class_agnostic=False,
+        r = r.replace(rpn_post_nms_top_n_train=2000, rpn_box_loss="smooth_l1", box_head="4conv1fc", cascade_class_agnostic=False,
                       cascade_box_loss="giou", cascade_box_loss_weight=10.0)
     return r
 
@@ -150,7 +154,8 @@ RECIPES["mask_rcnn_tiny_test"] = DetRecipe(
     crop_size=(48, 96), detr_crop=False, test_size=(80, 160), lr=1e-3, weight_decay=0.05, epochs=12,
     warmup_iters=20, batch_size=4, workers=0, amp=False)
 RECIPES["cascade_mask_rcnn_tiny_test"] = RECIPES["mask_rcnn_tiny_test"].replace(
-    name="cascade_mask_rcnn_tiny_test", arch="cascade_mask_rcnn", box_head="4conv1fc", rpn_post_nms_top_n_train=100)
+    name="cascade_mask_rcnn_tiny_test", arch="cascade_mask_rcnn", box_head="4conv1fc", rpn_post_nms_top_n_train=100,
+    rpn_box_loss="smooth_l1")
 
 
 def get_recipe(name: str, **overrides: Any) -> DetRecipe:

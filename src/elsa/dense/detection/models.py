@@ -6,8 +6,10 @@ differ from mmdetection's we say so here rather than silently:
   model's ``GeneralizedRCNNTransform`` only normalises and pads to a multiple of 32 in training; at test time it
   resizes to ``test_size`` (short 800, long <= 1333, same scale rule as mmdet's keep-ratio Resize) and maps the
   detections back to the original image, so evaluation sees original coordinates.
-- the Mask R-CNN box losses are torchvision's smooth-L1 (beta 1/9) where mmdet's config says L1; RoIAlign is
-  torchvision's (``aligned=False``) with ``sampling_ratio=0`` as mmdet's config.
+- box regression losses follow the config: L1 for Mask R-CNN's RPN and box head (torchvision's default is
+  smooth-L1 with beta 1/9, kept for the cascade RPN whose config says exactly that), same normalisation (sum over
+  positives / sampled count). RoIAlign is torchvision's (``aligned=False``; mmcv's default is ``aligned=True``)
+  with ``sampling_ratio=0`` as mmdet's config.
 """
 from __future__ import annotations
 
@@ -17,12 +19,14 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_loss
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -82,6 +86,45 @@ class DetTransform(GeneralizedRCNNTransform):
         if self.training:
             return image, target
         return super().resize(image, target)
+
+
+class L1RegionProposalNetwork(RegionProposalNetwork):
+    """torchvision's RPN with mmdet's L1 box loss (sum over positive anchors / sampled anchors)."""
+
+    def compute_loss(self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: List[Tensor],
+                     regression_targets: List[Tensor]) -> Tuple[Tensor, Tensor]:
+        pos, neg = self.fg_bg_sampler(labels)
+        pos = torch.where(torch.cat(pos, dim=0))[0]
+        neg = torch.where(torch.cat(neg, dim=0))[0]
+        sampled = torch.cat([pos, neg], dim=0)
+        labels_all = torch.cat(labels, dim=0)
+        targets = torch.cat(regression_targets, dim=0)
+        box_loss = F.l1_loss(pred_bbox_deltas[pos], targets[pos], reduction="sum") / max(sampled.numel(), 1)
+        obj_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels_all[sampled])
+        return obj_loss, box_loss
+
+
+class L1RoIHeads(RoIHeads):
+    """torchvision's RoIHeads (sampling, inference, mask branch unchanged) with mmdet's L1 box loss in training:
+    class-specific deltas of the positives, summed, divided by the number of sampled RoIs."""
+
+    def forward(self, features, proposals, image_shapes, targets=None):  # type: ignore[override]
+        if not self.training:
+            return super().forward(features, proposals, image_shapes, targets)
+        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        x = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(x)
+        loss_cls, _ = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+        all_labels = torch.cat(labels)
+        pos = torch.where(all_labels > 0)[0]
+        deltas = box_regression.reshape(box_regression.shape[0], -1, 4)[pos, all_labels[pos]]
+        loss_box = F.l1_loss(deltas, torch.cat(regression_targets)[pos], reduction="sum") / max(all_labels.numel(), 1)
+        mask_props = [p[l > 0] for p, l in zip(proposals, labels)]
+        mask_idxs = [m[l > 0] for m, l in zip(matched_idxs, labels)]
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_props, image_shapes)))
+        loss_mask = maskrcnn_loss(mask_logits, mask_props, [t["masks"] for t in targets],
+                                  [t["labels"] for t in targets], mask_idxs)
+        return [], {"loss_classifier": loss_cls, "loss_box_reg": loss_box, "loss_mask": loss_mask}
 
 
 def build_body(recipe: DetRecipe, img_size: Optional[Tuple[int, int]] = None) -> nn.Module:
@@ -151,6 +194,21 @@ def build_detector(recipe: DetRecipe, body: Optional[nn.Module] = None,
         mask_head=MaskRCNNHeads(c, [recipe.mask_head_channels] * recipe.mask_head_convs, 1),
         mask_predictor=MaskRCNNPredictor(recipe.mask_head_channels, recipe.mask_head_channels, k),
     )
+    if recipe.rpn_box_loss not in ("l1", "smooth_l1") or recipe.rcnn_box_loss not in ("l1", "smooth_l1"):
+        raise ValueError(f"rpn_box_loss / rcnn_box_loss must be 'l1' or 'smooth_l1', got "
+                         f"{recipe.rpn_box_loss!r} / {recipe.rcnn_box_loss!r}")
+    if recipe.rpn_box_loss == "l1":
+        rpn = model.rpn
+        model.rpn = L1RegionProposalNetwork(
+            rpn.anchor_generator, rpn.head, recipe.rpn_fg_iou_thresh, recipe.rpn_bg_iou_thresh,
+            recipe.rpn_batch_size_per_image, recipe.rpn_positive_fraction, rpn._pre_nms_top_n, rpn._post_nms_top_n,
+            rpn.nms_thresh, score_thresh=rpn.score_thresh)
+    if recipe.rcnn_box_loss == "l1" and recipe.arch == "mask_rcnn":
+        rh = model.roi_heads
+        model.roi_heads = L1RoIHeads(
+            rh.box_roi_pool, rh.box_head, rh.box_predictor, 0.5, 0.5, recipe.box_batch_size_per_image,
+            recipe.box_positive_fraction, rh.box_coder.weights, rh.score_thresh, rh.nms_thresh, rh.detections_per_img,
+            mask_roi_pool=rh.mask_roi_pool, mask_head=rh.mask_head, mask_predictor=rh.mask_predictor)
     model.transform = DetTransform(recipe.test_size[0], recipe.test_size[1], list(recipe.image_mean),
                                    list(recipe.image_std), size_divisible=32)
     if recipe.arch == "cascade_mask_rcnn":
