@@ -207,3 +207,26 @@ def test_pretrained_classifier_loads_into_detector_backbone(tmp_path):
         if k in body:
             assert torch.equal(body[k], v), k
     assert "layers.0.blocks.0.attn.ghost_head" in body
+
+
+def test_roi_align_is_aligned_per_level():
+    """Each RoI is pooled from its level (mmdet's rule) with aligned=True (mmcv's RoIAlign default)."""
+    from collections import OrderedDict
+
+    from torchvision.ops import roi_align
+
+    from elsa.dense.detection.models import AlignedMultiScaleRoIAlign
+
+    torch.manual_seed(0)
+    feats = OrderedDict((str(i), torch.rand(2, 3, 256 // 2 ** (i + 2), 256 // 2 ** (i + 2))) for i in range(4))
+    feats["pool"] = torch.rand(2, 3, 4, 4)
+    pool = AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=0)
+    small = torch.tensor([[10.0, 10, 40, 40]])  # sqrt(area) 30 < 112 -> level 0 (stride 4)
+    large = torch.tensor([[0.0, 0, 200, 230]])  # sqrt(area) ~214 in [112, 224) -> level 1 (stride 8)
+    out = pool(feats, [small, large], [(256, 256), (256, 256)])
+    ref0 = roi_align(feats["0"], [small, large[:0]], 7, spatial_scale=1 / 4, sampling_ratio=0, aligned=True)
+    ref1 = roi_align(feats["1"], [small[:0], large], 7, spatial_scale=1 / 8, sampling_ratio=0, aligned=True)
+    torch.testing.assert_close(out[0], ref0[0])
+    torch.testing.assert_close(out[1], ref1[0])
+    not_aligned = roi_align(feats["0"], [small, large[:0]], 7, spatial_scale=1 / 4, sampling_ratio=0)
+    assert not torch.allclose(out[0], not_aligned[0])

@@ -8,8 +8,8 @@ differ from mmdetection's we say so here rather than silently:
   detections back to the original image, so evaluation sees original coordinates.
 - box regression losses follow the config: L1 for Mask R-CNN's RPN and box head (torchvision's default is
   smooth-L1 with beta 1/9, kept for the cascade RPN whose config says exactly that), same normalisation (sum over
-  positives / sampled count). RoIAlign is torchvision's (``aligned=False``; mmcv's default is ``aligned=True``)
-  with ``sampling_ratio=0`` as mmdet's config.
+  positives / sampled count). RoIAlign samples with ``aligned=True`` (half-pixel offset, mmcv's default that
+  mmdet's configs use) and ``sampling_ratio=0``; the RoI-to-level rule is the same as mmdet's (finest_scale 56).
 """
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.poolers import _filter_input, _setup_scales
 
 from ..backbone import ELSASwinBackbone
 from ..recipes_det import DetRecipe
@@ -86,6 +87,26 @@ class DetTransform(GeneralizedRCNNTransform):
         if self.training:
             return image, target
         return super().resize(image, target)
+
+
+class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """torchvision's MultiScaleRoIAlign (same level mapping: level = floor(log2(sqrt(area) / 56)) clamped, as
+    mmdet's SingleRoIExtractor) sampling with ``aligned=True`` like mmcv's RoIAlign in the official configs."""
+
+    def forward(self, x: Dict[str, Tensor], boxes: List[Tensor],  # type: ignore[override]
+                image_shapes: List[Tuple[int, int]]) -> Tensor:
+        feats = _filter_input(x, self.featmap_names)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(feats, image_shapes, self.canonical_scale,
+                                                         self.canonical_level)
+        rois = torch.cat([torch.cat([b.new_full((len(b), 1), float(i)), b], 1) for i, b in enumerate(boxes)])
+        levels = self.map_levels(boxes)
+        out = feats[0].new_zeros((len(rois), feats[0].shape[1], *self.output_size))
+        for level, (feat, scale) in enumerate(zip(feats, self.scales)):
+            idx = torch.where(levels == level)[0]
+            out[idx] = roi_align(feat, rois[idx].to(feat.dtype), self.output_size, spatial_scale=scale,
+                                 sampling_ratio=self.sampling_ratio, aligned=True).to(out.dtype)
+        return out
 
 
 class L1RegionProposalNetwork(RegionProposalNetwork):
@@ -170,8 +191,8 @@ def build_detector(recipe: DetRecipe, body: Optional[nn.Module] = None,
                               aspect_ratios=(tuple(recipe.aspect_ratios),) * n_levels)
     rpn_head = RPNHead(c, len(recipe.aspect_ratios))
     names = ["0", "1", "2", "3"]
-    box_pool = MultiScaleRoIAlign(names, output_size=7, sampling_ratio=0)
-    mask_pool = MultiScaleRoIAlign(names, output_size=14, sampling_ratio=0)
+    box_pool = AlignedMultiScaleRoIAlign(names, output_size=7, sampling_ratio=0)
+    mask_pool = AlignedMultiScaleRoIAlign(names, output_size=14, sampling_ratio=0)
     k = recipe.num_classes + 1  # torchvision: label 0 is background
     model = MaskRCNN(
         backbone, num_classes=None,
