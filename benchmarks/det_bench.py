@@ -110,7 +110,6 @@ def bench_one(name: str, args, device: torch.device) -> dict:
     else:
         out["peak_rss_mib"] = round(_rss_mib(), 1)
         out["peak_rss_growth_mib"] = round(_rss_mib() - rss0, 1)
-    del model, opt
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out

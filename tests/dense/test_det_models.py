@@ -1,6 +1,5 @@
 """Mask R-CNN / Cascade Mask R-CNN construction (official settings), cascade forward/backward/eval, optimizer
 groups and schedule."""
-import math
 
 import pytest
 import torch
@@ -230,3 +229,93 @@ def test_roi_align_is_aligned_per_level():
     torch.testing.assert_close(out[1], ref1[0])
     not_aligned = roi_align(feats["0"], [small, large[:0]], 7, spatial_scale=1 / 4, sampling_ratio=0)
     assert not torch.allclose(out[0], not_aligned[0])
+
+
+def _mmdet_state_dict(model, arch):
+    """An official-format (mmdetection 2.x names, background-last class layout) state dict with the shapes of
+    ``model``, written from mmdet's module names, filled with random values."""
+    g = torch.Generator().manual_seed(0)
+    ours = model.state_dict()
+    c = 2  # classes in the tiny recipes
+    sd = {}
+
+    def put(key, shape):
+        sd[key] = torch.randn(*shape, generator=g)
+
+    for k, v in ours.items():
+        if k.startswith("backbone.body."):
+            sd["backbone." + k[len("backbone.body."):]] = v.clone()
+    for i in range(4):
+        for kind, ours_name in (("lateral_convs", "inner_blocks"), ("fpn_convs", "layer_blocks")):
+            for p in ("weight", "bias"):
+                put(f"neck.{kind}.{i}.conv.{p}", ours[f"backbone.fpn.{ours_name}.{i}.0.{p}"].shape)
+    for mm, tv in (("rpn_conv", "conv.0.0"), ("rpn_cls", "cls_logits"), ("rpn_reg", "bbox_pred")):
+        for p in ("weight", "bias"):
+            put(f"rpn_head.{mm}.{p}", ours[f"rpn.head.{tv}.{p}"].shape)
+    rep, mch, fpn = 128, 32, 32
+    stages = [""] if arch == "mask_rcnn" else [f"{s}." for s in range(3)]
+    for st in stages:
+        b, m = f"roi_head.bbox_head.{st}", f"roi_head.mask_head.{st}"
+        if arch == "mask_rcnn":
+            put(b + "shared_fcs.0.weight", (rep, fpn * 49)), put(b + "shared_fcs.0.bias", (rep,))
+            put(b + "shared_fcs.1.weight", (rep, rep)), put(b + "shared_fcs.1.bias", (rep,))
+        else:
+            for i in range(4):
+                put(b + f"shared_convs.{i}.conv.weight", (fpn, fpn, 3, 3))
+                for p in ("weight", "bias", "running_mean", "running_var"):
+                    put(b + f"shared_convs.{i}.bn.{p}", (fpn,))
+                sd[b + f"shared_convs.{i}.bn.num_batches_tracked"] = torch.tensor(7)
+            put(b + "shared_fcs.0.weight", (rep, fpn * 49)), put(b + "shared_fcs.0.bias", (rep,))
+        put(b + "fc_cls.weight", (c + 1, rep)), put(b + "fc_cls.bias", (c + 1,))
+        put(b + "fc_reg.weight", (4 * c, rep)), put(b + "fc_reg.bias", (4 * c,))
+        for i in range(2):
+            put(m + f"convs.{i}.conv.weight", (mch, fpn if i == 0 else mch, 3, 3))
+            put(m + f"convs.{i}.conv.bias", (mch,))
+        put(m + "upsample.weight", (mch, mch, 2, 2)), put(m + "upsample.bias", (mch,))
+        put(m + "conv_logits.weight", (c, mch, 1, 1)), put(m + "conv_logits.bias", (c,))
+    return sd
+
+
+@pytest.mark.parametrize("name", ["mask_rcnn_tiny_test", "cascade_mask_rcnn_tiny_test"])
+def test_official_mmdet_checkpoint_converts_and_loads(tmp_path, name):
+    from elsa.dense.detection.engine import load_model_checkpoint
+
+    r = get_recipe(name)
+    model = build_detector(r)
+    sd = _mmdet_state_dict(model, r.arch)
+    path = tmp_path / "official.pth"
+    torch.save({"state_dict": sd, "meta": {"CLASSES": ("box", "disc")}}, path)
+    fresh = build_detector(r)
+    meta = load_model_checkpoint(fresh, path)  # raises if any parameter is left out
+    assert meta["classes"] == ["box", "disc"] and meta["converted_from"] == "mmdetection"
+    got = fresh.state_dict()
+    if r.arch == "mask_rcnn":
+        pre, cls, reg, mask, fc = ("roi_head.bbox_head.", "roi_heads.box_predictor.", "roi_heads.box_predictor.",
+                                   "roi_heads.mask_predictor.", "roi_heads.box_head.fc6.weight")
+        mpre = "roi_head.mask_head."
+    else:
+        pre, cls, reg, mask, fc = ("roi_head.bbox_head.2.", "roi_heads.box_predictors.2.",
+                                   "roi_heads.box_predictors.2.", "roi_heads.mask_predictors.2.",
+                                   "roi_heads.box_heads.2.5.weight")
+        mpre = "roi_head.mask_head.2."
+        assert torch.equal(got["roi_heads.box_heads.1.3.1.running_var"],
+                           sd["roi_head.bbox_head.1.shared_convs.3.bn.running_var"])
+    # background: mmdet's last logit becomes torchvision's first; class k keeps its weights at index k
+    assert torch.equal(got[cls + "cls_score.weight"][0], sd[pre + "fc_cls.weight"][-1])
+    assert torch.equal(got[cls + "cls_score.weight"][1:], sd[pre + "fc_cls.weight"][:-1])
+    assert torch.equal(got[reg + "bbox_pred.weight"][4:], sd[pre + "fc_reg.weight"])
+    assert not got[reg + "bbox_pred.weight"][:4].any()
+    assert torch.equal(got[mask + "mask_fcn_logits.weight"][1:], sd[mpre + "conv_logits.weight"])
+    assert torch.equal(got[fc], sd[pre + "shared_fcs.0.weight"])
+    assert torch.equal(got["rpn.head.conv.0.0.weight"], sd["rpn_head.rpn_conv.weight"])
+    assert torch.equal(got["backbone.fpn.inner_blocks.2.0.bias"], sd["neck.lateral_convs.2.conv.bias"])
+
+
+def test_checkpoint_for_another_recipe_is_a_clear_error(tmp_path):
+    from elsa.dense.detection.engine import load_model_checkpoint
+
+    model = build_detector(get_recipe("mask_rcnn_tiny_test"))
+    path = tmp_path / "mrcnn.pth"
+    torch.save({"state_dict": _mmdet_state_dict(model, "mask_rcnn")}, path)
+    with pytest.raises(ValueError, match="does not fit the model.*--recipe"):
+        load_model_checkpoint(build_detector(get_recipe("cascade_mask_rcnn_tiny_test")), path)

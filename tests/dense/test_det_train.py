@@ -43,10 +43,10 @@ def test_train_learns_then_test_and_predict(shapes, tmp_path, capsys):
     # (warm-up 20 iterations, x0.1 at 2/3 and 11/12), seed 0. The untrained detector scores box AP50 0.000 here.
     # Measured on the 2-core CPU (2026-11-21), box AP50 on the 16 validation images with this exact setting:
     # 0.59 (mask 0.60) for seed 0 (the one used here), 0.77 / 0.81 for seeds 1 / 2; variants seen while tuning
-    # (smooth-L1 losses, unaligned RoIAlign, plain shuffled batches, lr 2e-3, 160 iterations) gave 0.47-0.78. A detection counts
-    # only with the right class and IoU >= 0.5 on a 10-40 px shape, so AP50 >= 0.4 means the RPN, the box head and
-    # the classifier all learnt the shapes; the bar sits below the worst run seen so that float noise across
-    # machines cannot flip it.
+    # (smooth-L1 losses, unaligned RoIAlign, plain shuffled batches, lr 2e-3, 160 iterations) gave 0.47-0.78.
+    # A detection counts only with the right class and IoU >= 0.5 on a 10-40 px shape, so AP50 >= 0.4 means the
+    # RPN, the box head and the classifier all learnt the shapes; the bar sits below the worst run seen so that
+    # float noise across machines cannot flip it.
     rc = _run(["train", "--recipe", "mask_rcnn_tiny_test", "--data", str(shapes), "--output", str(out),
                "--iters", "200", "--batch-size", "2", "--no-progress"])
     assert rc == 0

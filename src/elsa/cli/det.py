@@ -100,9 +100,11 @@ def _load_model(args: argparse.Namespace):
 
     if not Path(args.checkpoint).is_file():
         raise SystemExit(f"--checkpoint {args.checkpoint}: file not found")
+    from elsa.dense.detection.engine import read_detector_checkpoint
+
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     recipe = _recipe(args, state.get("recipe") if isinstance(state, dict) else None)
-    meta = state.get("meta", {}) if isinstance(state, dict) else {}
+    _, meta = read_detector_checkpoint(args.checkpoint)
     if meta.get("classes") and args.num_classes is None:
         recipe = recipe.replace(num_classes=len(meta["classes"]))
     model = build_detector(recipe)
@@ -188,7 +190,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("train", help="train a detector on a COCO-format dataset")
     _common(p, "mask_rcnn_elsa_swin_tiny_1x")
-    p.add_argument("--data", required=True, help="ROOT with annotations/instances_{train,val}2017.json, {train,val}2017/")
+    p.add_argument("--data", required=True,
+                   help="ROOT with annotations/instances_{train,val}2017.json and {train,val}2017/")
     p.add_argument("--train-ann", default=None)
     p.add_argument("--train-images", default=None)
     p.add_argument("--val-ann", default=None)
@@ -208,7 +211,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("test", help="COCO box/mask AP of a checkpoint")
+    p = sub.add_parser("test", help="COCO box/mask AP of a checkpoint (ours, or an official mmdet one + --recipe)")
     _common(p, None)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)

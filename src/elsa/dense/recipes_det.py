@@ -130,7 +130,8 @@ def _official(arch: str, size: str, schedule: str) -> DetRecipe:
     if arch == "cascade_mask_rcnn":
         # cascade base: rpn_proposal max_per_img 2000 in training; the elsa_swin/cascade_* files replace the
         # Shared2FC heads by ConvFCBBoxHead(4 convs + SyncBN, 1 fc), class-specific, GIoU loss x10 on decoded boxes.
-        r = r.replace(rpn_post_nms_top_n_train=2000, rpn_box_loss="smooth_l1", box_head="4conv1fc", cascade_class_agnostic=False,
+        r = r.replace(rpn_post_nms_top_n_train=2000, rpn_box_loss="smooth_l1", box_head="4conv1fc",
+                      cascade_class_agnostic=False,
                       cascade_box_loss="giou", cascade_box_loss_weight=10.0)
     return r
 

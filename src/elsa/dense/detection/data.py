@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch

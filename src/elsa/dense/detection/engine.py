@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -233,9 +232,42 @@ def evaluate(model: nn.Module, dataset: CocoInstances, recipe: DetRecipe, device
     return evaluator.summarize()
 
 
+def read_detector_checkpoint(path: os.PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(state dict in this package's names, meta) from an ``elsa det`` checkpoint, a bare state dict, or an official
+    mmdetection checkpoint (``{"state_dict", "meta": {"CLASSES"}}``, converted by ``convert.py``)."""
+    from .convert import convert_mmdet_state_dict, is_mmdet_state_dict
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - name the file and the cause
+        raise ValueError(f"checkpoint {path}: cannot be read with weights_only=True ({e})") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path}: expected a dict, got {type(state).__name__}")
+    meta: Dict[str, Any] = {}
+    if "model" in state:
+        sd, meta = state["model"], dict(state.get("meta") or {})
+    elif "state_dict" in state:
+        sd = state["state_dict"]
+        classes = (state.get("meta") or {}).get("CLASSES")
+        if classes:
+            meta["classes"] = list(classes)
+    else:
+        sd = state
+    if is_mmdet_state_dict(sd):
+        sd = convert_mmdet_state_dict(sd)
+        meta["converted_from"] = "mmdetection"
+    return sd, meta
+
+
 def load_model_checkpoint(model: nn.Module, path: os.PathLike) -> Dict[str, Any]:
-    """Load ``model`` weights from an ``elsa det`` checkpoint (``weights_only``); returns its ``meta``."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    sd = state["model"] if isinstance(state, dict) and "model" in state else state
-    model.load_state_dict(sd)
-    return state.get("meta", {}) if isinstance(state, dict) else {}
+    """Load ``model`` weights (see ``read_detector_checkpoint``) and return the checkpoint's meta. Every parameter
+    must be in the file (buffers such as the window stage's index table may be absent: they are rebuilt)."""
+    sd, meta = read_detector_checkpoint(path)
+    result = model.load_state_dict(sd, strict=False)
+    params = {k for k, _ in model.named_parameters()}
+    missing = [k for k in result.missing_keys if k in params]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"checkpoint {path} does not fit the model: {len(missing)} parameters missing "
+                         f"(e.g. {missing[:5]}), {len(result.unexpected_keys)} unexpected "
+                         f"(e.g. {result.unexpected_keys[:5]}); check --recipe")
+    return meta
