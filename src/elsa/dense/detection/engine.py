@@ -261,13 +261,17 @@ def read_detector_checkpoint(path: os.PathLike) -> Tuple[Dict[str, torch.Tensor]
 
 def load_model_checkpoint(model: nn.Module, path: os.PathLike) -> Dict[str, Any]:
     """Load ``model`` weights (see ``read_detector_checkpoint``) and return the checkpoint's meta. Every parameter
-    must be in the file (buffers such as the window stage's index table may be absent: they are rebuilt)."""
+    must be in the file (buffers such as the window stage's index table may be absent: they are rebuilt); tensors
+    the model does not have are logged, not fatal; a shape mismatch raises."""
     sd, meta = read_detector_checkpoint(path)
     result = model.load_state_dict(sd, strict=False)
     params = {k for k, _ in model.named_parameters()}
     missing = [k for k in result.missing_keys if k in params]
-    if missing or result.unexpected_keys:
+    if missing:
         raise ValueError(f"checkpoint {path} does not fit the model: {len(missing)} parameters missing "
                          f"(e.g. {missing[:5]}), {len(result.unexpected_keys)} unexpected "
                          f"(e.g. {result.unexpected_keys[:5]}); check --recipe")
+    if result.unexpected_keys:
+        _logger.warning("checkpoint %s: %d tensors not used (e.g. %s)", path, len(result.unexpected_keys),
+                        result.unexpected_keys[:5])
     return meta
