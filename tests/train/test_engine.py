@@ -82,9 +82,6 @@ def test_log_tensorboard_writes_events_or_says_what_is_missing(tmp_path, caplog)
         assert not (tmp_path / "tb").exists()  # failed before training
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="elsa.layers.ELSA passes float32 ghost-head parameters with bfloat16 v/logits under "
-                          "autocast (elsa/layers/elsa.py must cast them to v.dtype); remove this mark once fixed")
 def test_amp_bf16_on_cpu_trains(tmp_path):
     rc = run_train(["--epochs", "1", "--train-subset", "32", "--val-subset", "10", "-b", "16", "--amp",
                     "--output", str(tmp_path), "--experiment", "amp", "--no-progress"])
