@@ -1,8 +1,10 @@
-"""Distributed set-up for ``torchrun --nproc_per_node=N -m elsa train``: process group from torchrun's environment
-variables (nccl on CUDA, gloo on CPU), the device of each rank, and small reduction helpers.
+"""Distributed set-up shared by ``elsa train``, ``elsa det`` and ``elsa seg`` (e.g. ``torchrun --nproc_per_node=N -m
+elsa train ...``): process group from torchrun's environment variables (nccl on CUDA, gloo on CPU), the device of
+each rank, and small reduction helpers.
 
-Why helpers here: every metric shown to the user must be the same number on every rank (reduced), and every
-collective must be called by all ranks, so the engine goes through these few functions only.
+Why one module: every task launches the same way under torchrun, so the rank/device rules live in one place; every
+metric shown to the user must be the same number on every rank (reduced), and every collective must be called by
+all ranks, so the engines go through these few functions.
 """
 from __future__ import annotations
 
@@ -86,5 +88,6 @@ def all_gather_object(obj: Any, info: DistInfo) -> List[Any]:
 
 
 def barrier(info: DistInfo) -> None:
+    """Wait for all ranks (no-op for one process)."""
     if info.distributed:
         dist.barrier()

@@ -114,11 +114,13 @@ def _load_model(args: argparse.Namespace):
 
 def cmd_test(args: argparse.Namespace) -> int:
     from elsa.dense.detection.data import CocoInstances, coco_paths
-    from elsa.dense.detection.engine import evaluate, init_distributed
+    from elsa.dense.detection.engine import evaluate
+    from elsa.distributed import init_distributed
     from elsa.io import atomic_write
 
-    rank, _, device = init_distributed()
-    if args.device:
+    info = init_distributed()
+    rank, device = info.rank, info.device
+    if args.device:  # an explicit --device wins over the rank's default
         import torch
         device = torch.device(args.device)
     model, recipe, _ = _load_model(args)

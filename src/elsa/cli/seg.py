@@ -152,6 +152,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_test(args: argparse.Namespace) -> int:
     from ..dense.segmentation import engine
     from ..dense.segmentation.data import ADE20KDataset
+    from ..distributed import init_distributed
     from ..models import CheckpointError
 
     try:
@@ -159,8 +160,8 @@ def run_test(args: argparse.Namespace) -> int:
         model, recipe = engine.load_segmentor(args.checkpoint, recipe)
         if overridden:  # test-time settings may still be changed (e.g. --ms-ratios); architecture comes from the file
             recipe, _ = _recipe_over(recipe, args)
-        info = engine.init_distributed()
-        device = _device(args.device) or engine.default_device(info)
+        info = init_distributed()
+        device = _device(args.device) or info.device  # an explicit --device wins over the rank's default
         model.to(device)
         dataset = ADE20KDataset(args.data, "validation")
         result = engine.evaluate(model, dataset, recipe, mode=args.mode, device=device, info=info, progress=True)
@@ -194,6 +195,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from ..dense.segmentation import engine
+    from ..distributed import resolve_device
     from ..io import atomic_write
     from ..models import CheckpointError
 
@@ -206,7 +208,7 @@ def run_predict(args: argparse.Namespace) -> int:
         model, recipe = engine.load_segmentor(args.checkpoint, recipe)
         if overridden:
             recipe, _ = _recipe_over(recipe, args)
-        device = _device(args.device) or engine.default_device(engine.DistInfo())
+        device = _device(args.device) or resolve_device(None)  # cuda:0 when available, else cpu
         model.to(device)
         rgb, pred = engine.predict_image(model, recipe, args.image, mode=args.mode, device=device)
         overlay = engine.render_overlay(rgb, pred, recipe.num_classes, alpha=args.alpha)

@@ -28,10 +28,10 @@ import yaml
 
 from ..data import (SkipUnreadable, build_train_transform, collate_skipped, create_dataset,
                     resolve_model_data_config)
+from ..distributed import DistInfo, all_gather_object, all_reduce_sum, barrier, cleanup_distributed, init_distributed
 from ..io import atomic_write, save_safetensors
 from .checkpoint import get_rng_state, load_training_checkpoint, save_checkpoint, set_rng_state
 from .config import TrainConfig, validate_config
-from .distributed import DistInfo, all_gather_object, all_reduce_sum, barrier, cleanup_distributed, init_distributed
 from .metrics import MetricsLog, require_tensorboard
 
 _logger = logging.getLogger("elsa.train")

@@ -14,29 +14,13 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from ...distributed import init_distributed
 from ...io import atomic_write, torch_save
 from ..recipes_det import DetRecipe
 from .data import AspectRatioBatchSampler, CocoInstances, collate
 from .evaluation import CocoEvaluator, load_coco
 
 _logger = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------------ distributed
-def init_distributed() -> Tuple[int, int, torch.device]:
-    """(rank, world_size, device). Initialises the process group from torchrun's env vars when WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        device = torch.device("cpu")
-    return rank, world, device
 
 
 # ------------------------------------------------------------------------------------------------ optimisation
@@ -104,8 +88,9 @@ def train(model: nn.Module, recipe: DetRecipe, train_set: CocoInstances, output:
     """
     from tqdm import tqdm
 
-    rank, world, dev = init_distributed()
-    device = device or dev
+    info = init_distributed()
+    rank, world = info.rank, info.world_size
+    device = device or info.device
     output = Path(output)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)

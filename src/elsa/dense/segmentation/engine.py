@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
@@ -20,6 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from ...distributed import DistInfo, barrier, init_distributed
 from ...io import atomic_write, torch_save
 from ...models._checkpoint import CheckpointError, fit_state_dict, unwrap_state_dict
 from .ade20k_meta import ADE20K_CLASSES
@@ -32,40 +31,6 @@ if TYPE_CHECKING:
     import numpy as np
 
 _logger = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------------------ distributed
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed() -> DistInfo:
-    """Initialise the default process group from torchrun's env vars when WORLD_SIZE > 1 (NCCL on CUDA, else gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend)
-    return DistInfo(rank, world, local)
-
-
-def default_device(info: DistInfo) -> torch.device:
-    return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
 # ------------------------------------------------------------------------------------------------------ optimisation
@@ -178,7 +143,7 @@ def evaluate(model: nn.Module, dataset: ADE20KDataset, recipe: SegRecipe, mode: 
         probs = predict_probs(net, img, img_scale=recipe.img_scale, crop_size=recipe.slide_crop,
                               stride=recipe.slide_stride, **settings)
         evaluator.update(probs.argmax(1)[0].cpu(), item["label"])
-    if info.enabled:
+    if info.distributed:
         areas = evaluator.areas().to(device)
         dist.all_reduce(areas)
         evaluator.merge_(areas.cpu())
@@ -235,7 +200,7 @@ def train(recipe: SegRecipe, data_root, output: Path, pretrained: Optional[str] 
     {} when there is none). ``resume`` continues from ``output/latest.pth`` (model, optimizer, scheduler, scaler,
     iteration)."""
     info = init_distributed()
-    device = device or default_device(info)
+    device = device or info.device
     output = Path(output)
     if info.is_main:
         output.mkdir(parents=True, exist_ok=True)
@@ -255,7 +220,7 @@ def train(recipe: SegRecipe, data_root, output: Path, pretrained: Optional[str] 
         model.backbone.load_pretrained(pretrained)
     if grad_checkpointing:  # trades backbone recomputation for activation memory
         model.backbone.set_grad_checkpointing(True)
-    if info.enabled and device.type == "cuda":  # SyncBatchNorm runs on GPUs only; CPU (gloo) runs keep BatchNorm
+    if info.distributed and device.type == "cuda":  # SyncBatchNorm runs on GPUs only; CPU (gloo) runs keep BatchNorm
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     optimizer, scheduler = build_optimizer(model, recipe)
@@ -277,9 +242,9 @@ def train(recipe: SegRecipe, data_root, output: Path, pretrained: Optional[str] 
         if info.is_main:
             _logger.info("resumed from %s at iteration %d", latest, start)
     net = nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None) if info.enabled else model
+        model, device_ids=[device.index] if device.type == "cuda" else None) if info.distributed else model
 
-    sampler = torch.utils.data.DistributedSampler(train_set, shuffle=True, seed=seed) if info.enabled else \
+    sampler = torch.utils.data.DistributedSampler(train_set, shuffle=True, seed=seed) if info.distributed else \
         torch.utils.data.RandomSampler(train_set, generator=torch.Generator().manual_seed(seed + start))
     loader = DataLoader(train_set, batch_size=recipe.batch_per_gpu, sampler=sampler, num_workers=workers,
                         collate_fn=collate_skip, drop_last=len(train_set) >= recipe.batch_per_gpu * info.world_size,
@@ -347,8 +312,7 @@ def train(recipe: SegRecipe, data_root, output: Path, pretrained: Optional[str] 
     if skipped_samples and info.is_main:
         _logger.warning("skipped %d unreadable training samples", skipped_samples)
     last_eval["skipped_train_samples"] = skipped_samples + len(train_set.skipped)
-    if info.enabled:
-        dist.barrier()
+    barrier(info)
     return last_eval
 
 
