@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._custom_op import fake_forward, fake_gradients, make_backward, setup_context
+
 
 def _shifted(padded: Tensor, i: int, j: int, dilation: int, stride: int, ho: int, wo: int) -> Tensor:
     """View of ``padded`` (N, C, H+2p, W+2p) holding neighbour (i, j) of every output position."""
@@ -88,9 +90,7 @@ def native_aggregate(
     return out
 
 
-@native_aggregate.register_fake
-def _(v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride):
-    return v.new_empty((v.shape[0], v.shape[1], attn.shape[2], attn.shape[3]))
+native_aggregate.register_fake(fake_forward)
 
 
 @torch.library.custom_op("elsa::native_aggregate_backward", mutates_args=())
@@ -157,29 +157,10 @@ def native_aggregate_backward(
 
 @native_aggregate_backward.register_fake
 def _(grad, v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride, need_v, need_attn, need_mul, need_add):
-    return (
-        v.new_empty(v.shape) if need_v else v.new_empty(0),
-        attn.new_empty(attn.shape) if need_attn else v.new_empty(0),
-        ghost_mul.new_empty(ghost_mul.shape) if need_mul and ghost_mul is not None else v.new_empty(0),
-        ghost_add.new_empty(ghost_add.shape) if need_add and ghost_add is not None else v.new_empty(0),
-    )
+    return fake_gradients(v, attn, ghost_mul, ghost_add, need_v, need_attn, need_mul, need_add)
 
 
-def _setup_context(ctx, inputs, output):
-    v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride = inputs
-    ctx.save_for_backward(v, attn, ghost_mul, ghost_add)
-    ctx.geometry = (kernel_size, dilation, stride)
-
-
-def _backward(ctx, grad):
-    v, attn, ghost_mul, ghost_add = ctx.saved_tensors
-    need = ctx.needs_input_grad[:4]
-    gv, ga, gm, gd = native_aggregate_backward(grad, v, attn, ghost_mul, ghost_add, *ctx.geometry, *need)
-    grads = [g if wanted and g.numel() else None for g, wanted in zip((gv, ga, gm, gd), need)]
-    return (*grads, None, None, None)
-
-
-native_aggregate.register_autograd(_backward, setup_context=_setup_context)
+native_aggregate.register_autograd(make_backward(native_aggregate_backward), setup_context=setup_context)
 
 
 def aggregate(v, attn, ghost_mul, ghost_add, kernel_size: int, dilation: int, stride: int) -> Tensor:

@@ -34,6 +34,7 @@ import triton
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
+from .._custom_op import fake_forward, fake_gradients, make_backward, setup_context
 from . import kernels
 
 __all__ = ["aggregate", "softmax_aggregate", "triton_aggregate", "triton_softmax_aggregate",
@@ -192,12 +193,8 @@ def triton_softmax_aggregate(
     return _forward(v, attn_logits, ghost_mul, ghost_add, kernel_size, dilation, stride, softmax=True)
 
 
-def _fake_forward(v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride):
-    return v.new_empty((v.shape[0], v.shape[1], attn.shape[2], attn.shape[3]))
-
-
-triton_aggregate.register_fake(_fake_forward)
-triton_softmax_aggregate.register_fake(_fake_forward)
+triton_aggregate.register_fake(fake_forward)
+triton_softmax_aggregate.register_fake(fake_forward)
 
 
 @torch.library.custom_op("elsa::triton_aggregate_backward", mutates_args=())
@@ -227,33 +224,11 @@ def triton_aggregate_backward(
 @triton_aggregate_backward.register_fake
 def _(grad, v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride, softmax,
       need_v, need_attn, need_mul, need_add):
-    return (
-        v.new_empty(v.shape) if need_v else v.new_empty(0),
-        attn.new_empty(attn.shape) if need_attn else v.new_empty(0),
-        ghost_mul.new_empty(ghost_mul.shape) if need_mul and ghost_mul is not None else v.new_empty(0),
-        ghost_add.new_empty(ghost_add.shape) if need_add and ghost_add is not None else v.new_empty(0),
-    )
+    return fake_gradients(v, attn, ghost_mul, ghost_add, need_v, need_attn, need_mul, need_add)
 
 
-def _setup_context(ctx, inputs, output):
-    v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride = inputs
-    ctx.save_for_backward(v, attn, ghost_mul, ghost_add)
-    ctx.geometry = (kernel_size, dilation, stride)
-
-
-def _make_backward(softmax: bool):
-    def backward(ctx, grad):
-        v, attn, ghost_mul, ghost_add = ctx.saved_tensors
-        need = ctx.needs_input_grad[:4]
-        grads = triton_aggregate_backward(grad, v, attn, ghost_mul, ghost_add, *ctx.geometry, softmax, *need)
-        grads = [g if wanted and g.numel() else None for g, wanted in zip(grads, need)]
-        return (*grads, None, None, None)
-
-    return backward
-
-
-triton_aggregate.register_autograd(_make_backward(False), setup_context=_setup_context)
-triton_softmax_aggregate.register_autograd(_make_backward(True), setup_context=_setup_context)
+triton_aggregate.register_autograd(make_backward(triton_aggregate_backward, False), setup_context=setup_context)
+triton_softmax_aggregate.register_autograd(make_backward(triton_aggregate_backward, True), setup_context=setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,44 @@
+"""Pieces every backend's torch.library registration shares: fake (shape-only) implementations and the autograd
+glue between a forward op ``(v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride)`` and its backward op
+``(grad, v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride, *extra, need_v, need_attn, need_mul,
+need_add) -> 4 tensors``, in which an empty tensor stands for a gradient that was not asked for."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from torch import Tensor
+
+
+def fake_forward(v: Tensor, attn: Tensor, ghost_mul: Optional[Tensor], ghost_add: Optional[Tensor],
+                 kernel_size: int, dilation: int, stride: int) -> Tensor:
+    return v.new_empty((v.shape[0], v.shape[1], attn.shape[2], attn.shape[3]))
+
+
+def fake_gradients(v: Tensor, attn: Tensor, ghost_mul: Optional[Tensor], ghost_add: Optional[Tensor],
+                   need_v: bool, need_attn: bool, need_mul: bool, need_add: bool) -> tuple[Tensor, ...]:
+    """Fresh tensors each: custom-op outputs may not alias each other."""
+    return (
+        v.new_empty(v.shape) if need_v else v.new_empty(0),
+        attn.new_empty(attn.shape) if need_attn else v.new_empty(0),
+        ghost_mul.new_empty(ghost_mul.shape) if need_mul and ghost_mul is not None else v.new_empty(0),
+        ghost_add.new_empty(ghost_add.shape) if need_add and ghost_add is not None else v.new_empty(0),
+    )
+
+
+def setup_context(ctx, inputs, output) -> None:
+    v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride = inputs
+    ctx.save_for_backward(v, attn, ghost_mul, ghost_add)
+    ctx.geometry = (kernel_size, dilation, stride)
+
+
+def make_backward(backward_op: Callable[..., tuple[Tensor, ...]], *extra: object) -> Callable:
+    """The autograd formula that calls ``backward_op`` for the gradients the inputs need."""
+
+    def backward(ctx, grad):
+        v, attn, ghost_mul, ghost_add = ctx.saved_tensors
+        need = ctx.needs_input_grad[:4]
+        grads = backward_op(grad, v, attn, ghost_mul, ghost_add, *ctx.geometry, *extra, *need)
+        grads = [g if wanted and g.numel() else None for g, wanted in zip(grads, need)]
+        return (*grads, None, None, None)
+
+    return backward
