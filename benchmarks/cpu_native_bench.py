@@ -7,7 +7,7 @@ additive ghost only (lam = 0, gamma = 1, as ELSA-Swin), float32. Measured side b
 - peak memory the op adds over its inputs: the resident set before the call (VmRSS) against its high-water mark
   (VmHWM) during the call, reset just before it through /proc/self/clear_refs (Linux).
 
-    python benchmarks/cpu_native_bench.py [--batch 8] [--repeats 5] [--json benchmarks/results/cpu_native_bench.json]
+    python benchmarks/cpu_native_bench.py [--batch 8] [--repeats 15] [--json benchmarks/results/cpu_native_bench.json]
 """
 from __future__ import annotations
 
@@ -59,6 +59,18 @@ def measure_memory(backend: str, inputs) -> float:
     return _status_mib("VmHWM") - before
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def measure_time(backend: str, inputs, repeats: int) -> float:
     forward_backward(backend, *inputs)
     times = []
@@ -72,7 +84,7 @@ def measure_time(backend: str, inputs, repeats: int) -> float:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "cpu_native_bench.json"))
     args = parser.parse_args(argv)
 
@@ -84,7 +96,7 @@ def main(argv=None) -> dict:
         ms = measure_time(backend, inputs, args.repeats)
         rows[backend] = dict(fwd_bwd_ms=round(ms, 1), peak_added_mib=round(memory, 1))
     result = dict(
-        benchmark="cpu_native_bench", date=datetime.date.today().isoformat(), device=platform.processor() or "cpu",
+        benchmark="cpu_native_bench", date=datetime.date.today().isoformat(), device=cpu_name(),
         cpu_count=torch.get_num_threads(), torch=torch.__version__,
         shape=dict(batch=args.batch, heads=HEADS, channels=CHANNELS, side=SIDE, kernel_size=K, ghost="add",
                    dtype="float32", inputs_mib=round(inputs_mib, 1)),
