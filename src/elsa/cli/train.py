@@ -104,6 +104,14 @@ def add_parser(subparsers) -> None:
     _flag(g, "--mixup-off-epoch", type=int, help="turn mixup off from this epoch")
     _flag(g, "--smoothing", type=float, help=f"label smoothing (default {d.smoothing})")
     _flag(g, "--digits-shift", type=int, help="digits: random shift in pixels (default 3)")
+    g2 = p.add_argument_group("token labeling (ELSA-VOLO, as VOLO's published training)")
+    _flag(g2, "--token-label-dir", metavar="DIR", help="train with token labeling: DIR/<image file stem>.pt label "
+          "maps, tensors (2, K, S, S) of [top-K scores, class indices]; mixup/cutmix are then off")
+    _flag(g2, "--token-label-size", type=int, metavar="T", help="token grid of the dense targets (default: "
+          "img-size // 16, VOLO's 14 at 224)")
+    _flag(g2, "--dense-weight", type=float, metavar="W", help=f"weight of the token loss (default {d.dense_weight})")
+    g2.add_argument("--mix-token", action=argparse.BooleanOptionalAction, default=S,
+                    help="mix-token: swap a box of tokens with the flipped batch (default on with token labeling)")
     _on(g, "--model-ema", help="keep an exponential moving average of the weights")
     _flag(g, "--model-ema-decay", type=float, help=f"EMA decay (default {d.model_ema_decay})")
     _on(g, "--model-ema-warmup", help="EMA decay warm-up")

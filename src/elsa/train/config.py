@@ -88,6 +88,11 @@ class TrainConfig:
     mixup_off_epoch: int = 0
     smoothing: float = 0.1
     digits_shift: int = 3
+    # token labeling (ELSA-VOLO): on when token_label_dir is given
+    token_label_dir: Optional[str] = None  # <dir>/<image file stem>.pt, (2, K, S, S) [scores, class indices]
+    token_label_size: Optional[int] = None  # token grid of the dense targets (default: img_size // 16)
+    dense_weight: float = 0.5
+    mix_token: bool = True
     # EMA
     model_ema: bool = False
     model_ema_decay: float = 0.99992
@@ -220,5 +225,13 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--drop-path must be in [0, 1), got {cfg.drop_path}")
     if cfg.crop_pct is not None and not 0 < cfg.crop_pct <= 1:
         raise ValueError(f"--crop-pct must be in (0, 1], got {cfg.crop_pct}")
+    if cfg.token_label_dir is not None:
+        if cfg.no_aug:
+            raise ValueError("--no-aug cannot be combined with --token-label-dir (the label maps follow the "
+                             "random-resized crop)")
+        if cfg.dense_weight < 0:
+            raise ValueError(f"--dense-weight must be >= 0, got {cfg.dense_weight}")
+    if cfg.token_label_size is not None and cfg.token_label_size <= 0:
+        raise ValueError(f"--token-label-size must be > 0, got {cfg.token_label_size!r}")
     if cfg.model_ema and not 0 < cfg.model_ema_decay < 1:
         raise ValueError(f"--model-ema-decay must be in (0, 1), got {cfg.model_ema_decay}")

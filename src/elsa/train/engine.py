@@ -28,11 +28,13 @@ import yaml
 
 from ..data import (SkipUnreadable, build_train_transform, collate_skipped, create_dataset,
                     resolve_model_data_config)
+from ..data.token_label import TokenLabelDataset, TokenLabelTransform, collate_token_label
 from ..distributed import DistInfo, all_gather_object, all_reduce_sum, barrier, cleanup_distributed, init_distributed
 from ..io import atomic_write, save_safetensors
 from .checkpoint import get_rng_state, load_training_checkpoint, save_checkpoint, set_rng_state
 from .config import TrainConfig, validate_config
 from .metrics import MetricsLog, require_tensorboard
+from .token_label import ForwardTrain, TokenLabelLoss, check_token_label_model
 
 _logger = logging.getLogger("elsa.train")
 
@@ -141,6 +143,37 @@ def _load_initial_checkpoint(model: nn.Module, path: str) -> None:
                  path, dropped or "none", list(result.missing_keys) or "none", list(result.unexpected_keys) or "none")
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP and/or ``ForwardTrain``."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, ForwardTrain)):
+        model = model.module
+    return model
+
+
+def _token_label_dataset(cfg: TrainConfig, train_ds, model: nn.Module, data_config: Dict[str, Any],
+                         num_classes: int) -> TokenLabelDataset:
+    """The training set with label maps (--token-label-dir) and the shared crop/flip transform; the model
+    must have a token head, and gets mix-token from --mix-token."""
+    from timm.data import create_transform
+
+    check_token_label_model(model, cfg.model)
+    img_size = data_config["input_size"][-1]
+    token_size = cfg.token_label_size or img_size // 16
+    parts = create_transform(data_config["input_size"], is_training=True, scale=tuple(cfg.scale),
+                             ratio=tuple(cfg.ratio), hflip=cfg.hflip, vflip=cfg.vflip,
+                             color_jitter=cfg.color_jitter, auto_augment=cfg.aa or None,
+                             interpolation=cfg.train_interpolation or data_config["interpolation"],
+                             mean=data_config["mean"], std=data_config["std"], re_prob=cfg.reprob,
+                             re_mode=cfg.remode, re_count=cfg.recount, separate=True)
+    dataset = TokenLabelDataset(train_ds, cfg.token_label_dir, TokenLabelTransform(parts, num_classes, token_size))
+    model.mix_token = bool(cfg.mix_token)
+    if cfg.mix_token and not hasattr(model, "beta"):
+        model.beta = 1.0  # timm sets the mix-token Beta(beta, beta) only when built with use_mix_token; VOLO's 1.0
+    _logger.info("token labeling: label maps %s, %dx%d token targets, dense weight %g, mix-token %s",
+                 cfg.token_label_dir, token_size, token_size, cfg.dense_weight, "on" if cfg.mix_token else "off")
+    return dataset
+
+
 def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
@@ -191,11 +224,15 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     data_config = resolve_model_data_config(model, cfg.img_size, cfg.crop_pct, cfg.interpolation)
     from timm.data import create_transform
 
-    train_ds.transform = build_train_transform(
-        cfg.data, data_config, no_aug=cfg.no_aug, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
-        vflip=cfg.vflip, color_jitter=cfg.color_jitter, auto_augment=cfg.aa,
-        interpolation=cfg.train_interpolation, re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount,
-        digits_shift=cfg.digits_shift)
+    token_label = cfg.token_label_dir is not None
+    if token_label:
+        train_ds = _token_label_dataset(cfg, train_ds, model, data_config, num_classes)
+    else:
+        train_ds.transform = build_train_transform(
+            cfg.data, data_config, no_aug=cfg.no_aug, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
+            hflip=cfg.hflip, vflip=cfg.vflip, color_jitter=cfg.color_jitter, auto_augment=cfg.aa,
+            interpolation=cfg.train_interpolation, re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount,
+            digits_shift=cfg.digits_shift)
     val_ds.transform = create_transform(data_config["input_size"], is_training=False,
                                         interpolation=data_config["interpolation"], mean=data_config["mean"],
                                         std=data_config["std"], crop_pct=data_config["crop_pct"],
@@ -239,7 +276,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     loader_kwargs = dict(num_workers=cfg.workers, pin_memory=cfg.pin_mem and device.type == "cuda",
                          collate_fn=collate_skipped, persistent_workers=cfg.workers > 0)
     train_loader = torch.utils.data.DataLoader(SkipUnreadable(train_ds), batch_size=cfg.batch_size,
-                                               sampler=sampler, drop_last=True, **loader_kwargs)
+                                               sampler=sampler, drop_last=True,
+                                               **dict(loader_kwargs, collate_fn=collate_token_label if token_label
+                                                      else collate_skipped))
     val_loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(SkipUnreadable(val_ds), _shard(len(val_ds), info)),
         batch_size=cfg.validation_batch_size or cfg.batch_size, shuffle=False, **loader_kwargs)
@@ -254,11 +293,16 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
         updates_per_epoch=steps_per_epoch)
 
     mixup_fn = None
-    if cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None:
+    if token_label:
+        if cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None:
+            _logger.info("token labeling: --mixup/--cutmix are off (VOLO uses mix-token instead)")
+        train_loss_fn: nn.Module = TokenLabelLoss(num_classes, dense_weight=cfg.dense_weight,
+                                                  smoothing=cfg.smoothing)
+    elif cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None:
         mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
                          prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
                          label_smoothing=cfg.smoothing, num_classes=num_classes)
-        train_loss_fn: nn.Module = SoftTargetCrossEntropy()
+        train_loss_fn = SoftTargetCrossEntropy()
     elif cfg.smoothing > 0:
         train_loss_fn = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
     else:
@@ -297,10 +341,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
         seed_everything(cfg.seed + info.rank)  # different augmentation on each rank
     scheduler.step(start_epoch)
 
-    train_model: nn.Module = model
+    train_model: nn.Module = ForwardTrain(model) if token_label else model
     if info.distributed:
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # 6. run folder (rank 0 only writes)
     run_dir = resolve_run_dir(cfg, data_config["input_size"][-1]) if info.is_main else None
@@ -412,7 +456,10 @@ def train_one_epoch(epoch: int, num_epochs: int, model: nn.Module, loader, steps
     t0 = time.perf_counter()
     for images, targets, n_skipped in loader:
         images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        if isinstance(targets, (tuple, list)):  # token labeling: (class indices, dense targets)
+            targets = tuple(t.to(device, non_blocking=True) for t in targets)
+        else:
+            targets = targets.to(device, non_blocking=True)
         skipped += n_skipped
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
@@ -437,7 +484,7 @@ def train_one_epoch(epoch: int, num_epochs: int, model: nn.Module, loader, steps
             optimizer.step()
         global_step += 1
         if ema is not None:
-            ema.update(model.module if hasattr(model, "module") else model, step=global_step)
+            ema.update(_unwrap(model), step=global_step)
         scheduler.step_update(num_updates=global_step)
         loss_value = loss.item()
         loss_sum += loss_value
