@@ -95,6 +95,9 @@ class ELSAVOLO(VOLO):
         **kwargs: Any,
     ) -> None:
         super().__init__(layers, **kwargs)
+        # timm sets mix-token's Beta(beta, beta) only when built with use_mix_token; VOLO's value, so that switching
+        # mix_token on later (token-labeling training) works
+        self.beta = getattr(self, "beta", 1.0)
         outlook = kwargs.get("outlook_attention", (True, False, False, False))
         if not outlook[0] or sum(bool(o) for o in outlook) != 1:
             raise ValueError(f"outlook_attention must mark stage 1 only (the one ELSA replaces), got {outlook}")

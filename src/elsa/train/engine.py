@@ -167,8 +167,6 @@ def _token_label_dataset(cfg: TrainConfig, train_ds, model: nn.Module, data_conf
                              re_mode=cfg.remode, re_count=cfg.recount, separate=True)
     dataset = TokenLabelDataset(train_ds, cfg.token_label_dir, TokenLabelTransform(parts, num_classes, token_size))
     model.mix_token = bool(cfg.mix_token)
-    if cfg.mix_token and not hasattr(model, "beta"):
-        model.beta = 1.0  # timm sets the mix-token Beta(beta, beta) only when built with use_mix_token; VOLO's 1.0
     _logger.info("token labeling: label maps %s, %dx%d token targets, dense weight %g, mix-token %s",
                  cfg.token_label_dir, token_size, token_size, cfg.dense_weight, "on" if cfg.mix_token else "off")
     return dataset
