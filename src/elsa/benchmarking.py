@@ -20,6 +20,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from . import distributed
+
 _log = logging.getLogger(__name__)
 
 # ELSA model -> the timm model it is compared with (same layout, ELSA blocks swapped in).
@@ -70,13 +72,8 @@ class BenchResult:
 
 
 def resolve_device(device: str = "auto") -> str:
-    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; other values are checked."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available (use --device cpu)")
-    torch.device(device)  # raises on a malformed name
-    return device
+    """'auto' -> a CUDA GPU when present, else 'cpu'; other values are checked (elsa.distributed.resolve_device)."""
+    return str(distributed.resolve_device(device))
 
 
 def device_name(device: str) -> str:

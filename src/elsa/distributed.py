@@ -33,14 +33,19 @@ class DistInfo:
         return self.rank == 0
 
 
-def resolve_device(device: Optional[str], local_rank: int = 0) -> torch.device:
-    """``device`` or the default (cuda when available, else cpu); under torchrun each rank takes cuda:LOCAL_RANK."""
-    if device is None:
+def resolve_device(device: Optional[str] = None, local_rank: int = 0) -> torch.device:
+    """``device`` as given, or (None / ``"auto"``) cuda when available, else cpu; a bare ``cuda`` means
+    cuda:LOCAL_RANK, so under torchrun each rank takes its own GPU. Malformed names and CUDA asked for where there
+    is none raise a ValueError naming ``--device``. Every command resolves its device here."""
+    if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device: {device!r} is not a device name (expected e.g. 'cpu', 'cuda', 'cuda:1')") from err
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device!r} asks for CUDA but torch.cuda.is_available() is False")
+            raise ValueError(f"--device: {device!r} was asked for but CUDA is not available here; use --device cpu")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)

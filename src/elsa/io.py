@@ -35,6 +35,11 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (JSON results, metrics, run arguments)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def save_safetensors(state_dict: dict, path: PathLike, metadata: dict | None = None) -> Path:
     """Write tensors as ``.safetensors`` atomically (contiguous copies; shared storage is not allowed there)."""
     from safetensors.torch import save_file

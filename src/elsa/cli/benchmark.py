@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 _logger = logging.getLogger("elsa.benchmark")
 
@@ -41,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .. import benchmarking as bench
-    from ..io import atomic_write
+    from ..io import atomic_write_text
 
     try:
         device = bench.resolve_device(args.device)
@@ -76,6 +75,6 @@ def run(args: argparse.Namespace) -> int:
     print(bench.format_table(results))
     if args.out:
         doc = bench.to_json(results, device, dict(models=models, modes=args.modes, precisions=precisions))
-        atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1)))
+        atomic_write_text(args.out, json.dumps(doc, indent=1))
         _logger.info("wrote %s", args.out)
     return 1 if any(r.extra.get("error") for r in results) else 0

@@ -116,13 +116,10 @@ def cmd_test(args: argparse.Namespace) -> int:
     from elsa.dense.detection.data import CocoInstances, coco_paths
     from elsa.dense.detection.engine import evaluate
     from elsa.distributed import init_distributed
-    from elsa.io import atomic_write
+    from elsa.io import atomic_write_text
 
-    info = init_distributed()
+    info = init_distributed(args.device)  # an explicit --device wins over the rank's default
     rank, device = info.rank, info.device
-    if args.device:  # an explicit --device wins over the rank's default
-        import torch
-        device = torch.device(args.device)
     model, recipe, _ = _load_model(args)
     model.to(device)
     ann, img = coco_paths(args.data, args.split) if not (args.ann and args.images) else (args.ann, args.images)
@@ -131,7 +128,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     if rank == 0:
         _print_metrics(metrics)
         out = Path(args.out or Path(args.checkpoint).with_suffix(".metrics.json"))
-        atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+        atomic_write_text(out, json.dumps(metrics, indent=2))
         print(f"metrics written to {out}")
     return 0
 
@@ -142,12 +139,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-    from elsa.io import atomic_write
+    from elsa.distributed import resolve_device
+    from elsa.io import atomic_write, atomic_write_text
 
     if not Path(args.image).is_file():
         raise SystemExit(f"IMAGE {args.image}: file not found")
     model, recipe, meta = _load_model(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     model.to(device).eval()
     with Image.open(args.image) as im:
         arr = np.asarray(im.convert("RGB")).copy()
@@ -172,7 +170,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.json:
         recs = [{"label": classes[int(l) - 1], "score": float(s), "box_xyxy": [float(v) for v in b]}
                 for l, s, b in zip(labels, scores, boxes)]
-        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(recs, indent=2)))
+        atomic_write_text(Path(args.json), json.dumps(recs, indent=2))
     return 0
 
 

@@ -124,14 +124,6 @@ def _recipe(args: argparse.Namespace):
     return recipe.replace(**changes) if changes else recipe, bool(changes)
 
 
-def _device(name):
-    import torch
-
-    if name is None:
-        return None
-    return torch.device(name)
-
-
 def run_train(args: argparse.Namespace) -> int:
     from ..dense.segmentation import engine
 
@@ -139,7 +131,7 @@ def run_train(args: argparse.Namespace) -> int:
         recipe, _ = _recipe(args)
         result = engine.train(recipe, args.data, Path(args.output), pretrained=args.pretrained, resume=args.resume,
                               workers=args.workers, seed=args.seed, eval_mode=args.eval_mode,
-                              device=_device(args.device), grad_checkpointing=args.grad_checkpointing)
+                              device=args.device, grad_checkpointing=args.grad_checkpointing)
     except (ValueError, FileNotFoundError) as err:
         print(f"elsa seg train: error: {err}", file=sys.stderr)
         return 2
@@ -160,8 +152,8 @@ def run_test(args: argparse.Namespace) -> int:
         model, recipe = engine.load_segmentor(args.checkpoint, recipe)
         if overridden:  # test-time settings may still be changed (e.g. --ms-ratios); architecture comes from the file
             recipe, _ = _recipe_over(recipe, args)
-        info = init_distributed()
-        device = _device(args.device) or info.device  # an explicit --device wins over the rank's default
+        info = init_distributed(args.device)  # an explicit --device wins over the rank's default
+        device = info.device
         model.to(device)
         dataset = ADE20KDataset(args.data, "validation")
         result = engine.evaluate(model, dataset, recipe, mode=args.mode, device=device, info=info, progress=True)
@@ -208,7 +200,7 @@ def run_predict(args: argparse.Namespace) -> int:
         model, recipe = engine.load_segmentor(args.checkpoint, recipe)
         if overridden:
             recipe, _ = _recipe_over(recipe, args)
-        device = _device(args.device) or resolve_device(None)  # cuda:0 when available, else cpu
+        device = resolve_device(args.device)  # default: cuda:0 when available, else cpu
         model.to(device)
         rgb, pred = engine.predict_image(model, recipe, args.image, mode=args.mode, device=device)
         overlay = engine.render_overlay(rgb, pred, recipe.num_classes, alpha=args.alpha)

@@ -20,7 +20,7 @@ from typing import Dict, List, Tuple, Union
 
 import numpy as np
 
-from ..io import atomic_write
+from ..io import atomic_write_text
 
 CATEGORIES = [{"id": 1, "name": "box", "supercategory": "shape"},
               {"id": 2, "name": "disc", "supercategory": "shape"}]
@@ -96,7 +96,7 @@ def write_split(root: Union[str, os.PathLike], split: str, num_images: int, seed
     data = {"info": {"description": "elsa synthetic shapes"}, "images": images, "annotations": annotations,
             "categories": CATEGORIES}
     path = root / "annotations" / f"instances_{split}2017.json"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data)))
+    atomic_write_text(path, json.dumps(data))
     return path
 
 

@@ -14,6 +14,7 @@ import torch.nn as nn
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
 
+from .. import distributed
 from ..models import CheckpointError, load_checkpoint, read_state_dict, unwrap_state_dict
 
 _logger = logging.getLogger(__name__)
@@ -29,15 +30,10 @@ class ToolError(ValueError):
 
 def resolve_device(device: Optional[str] = None) -> torch.device:
     """``device`` as given, or CUDA when present, else CPU; a clear error for unknown or unavailable devices."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise ToolError(f"--device: {device!r} is not a device name (expected e.g. 'cpu', 'cuda', 'cuda:1')") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ToolError(f"--device: {device!r} was asked for but CUDA is not available here; use --device cpu")
-    return dev
+        return distributed.resolve_device(device)
+    except ValueError as err:
+        raise ToolError(str(err)) from err
 
 
 def _classifier_rows(model_name: str, state_dict: dict) -> Optional[int]:

@@ -30,7 +30,7 @@ from ..data import (SkipUnreadable, build_train_transform, collate_skipped, crea
                     resolve_model_data_config)
 from ..data.token_label import TokenLabelDataset, TokenLabelTransform, collate_token_label
 from ..distributed import DistInfo, all_gather_object, all_reduce_sum, barrier, cleanup_distributed, init_distributed
-from ..io import atomic_write, save_safetensors
+from ..io import atomic_write_text, save_safetensors
 from .checkpoint import get_rng_state, load_training_checkpoint, save_checkpoint, set_rng_state
 from .config import TrainConfig, validate_config
 from .metrics import MetricsLog, require_tensorboard
@@ -350,7 +350,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         args_text = yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
-        atomic_write(run_dir / "args.yaml", lambda tmp: Path(tmp).write_text(args_text))
+        atomic_write_text(run_dir / "args.yaml", args_text)
         log = MetricsLog(run_dir, tensorboard=cfg.log_tensorboard, start_epoch=start_epoch)
         _logger.info("run folder %s; %d epoch(s) of %d step(s), global batch %d, %d process(es)", run_dir,
                      num_epochs, steps_per_epoch, global_batch, info.world_size)

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List
 
-from ..io import atomic_write
+from ..io import atomic_write_text
 
 _logger = logging.getLogger(__name__)
 
@@ -62,13 +62,13 @@ class MetricsLog:
         """Record one epoch's row (keys: ``METRIC_COLUMNS`` plus optional extras) and rewrite the files."""
         self.rows.append(row)
         text = "".join(json.dumps(r, sort_keys=False) + "\n" for r in self.rows)
-        atomic_write(self.run_dir / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
+        atomic_write_text(self.run_dir / "metrics.jsonl", text)
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=self.columns(), extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         w.writerows(self.rows)
         csv_text = buf.getvalue()
-        atomic_write(self.run_dir / "metrics.csv", lambda tmp: Path(tmp).write_text(csv_text))
+        atomic_write_text(self.run_dir / "metrics.csv", csv_text)
         if self.writer is not None:
             step = int(row["epoch"])
             for k, v in row.items():

@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from ...distributed import init_distributed
-from ...io import atomic_write, torch_save
+from ...io import atomic_write_text, torch_save
 from ..recipes_det import DetRecipe
 from .data import AspectRatioBatchSampler, CocoInstances, collate
 from .evaluation import CocoEvaluator, load_coco
@@ -186,7 +186,7 @@ def train(model: nn.Module, recipe: DetRecipe, train_set: CocoInstances, output:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from ...distributed import DistInfo, barrier, init_distributed
-from ...io import atomic_write, torch_save
+from ...io import atomic_write_text, torch_save
 from ...models._checkpoint import CheckpointError, fit_state_dict, unwrap_state_dict
 from .ade20k_meta import ADE20K_CLASSES
 from .data import ADE20KDataset, TrainTransform, collate_skip, worker_init
@@ -179,7 +179,7 @@ def _json_safe(x):
 def write_json(path: Path, obj: dict) -> None:
     """Atomic, strict JSON (NaN written as null)."""
     text = json.dumps(_json_safe(obj), indent=2, allow_nan=False)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(path, text)
 
 
 # -------------------------------------------------------------------------------------------------------------- train
@@ -195,12 +195,12 @@ def _infinite(loader: DataLoader, start_epoch: int):
 
 def train(recipe: SegRecipe, data_root, output: Path, pretrained: Optional[str] = None, resume: bool = False,
           workers: int = 4, seed: int = 0, progress: bool = True, eval_mode: Optional[str] = None,
-          device: Optional[torch.device] = None, grad_checkpointing: bool = False) -> Dict[str, object]:
+          device: Optional[str] = None, grad_checkpointing: bool = False) -> Dict[str, object]:
     """Train ``recipe`` on ADE20K at ``data_root``; checkpoints/logs in ``output``. Returns the last evaluation (or
     {} when there is none). ``resume`` continues from ``output/latest.pth`` (model, optimizer, scheduler, scaler,
-    iteration)."""
-    info = init_distributed()
-    device = device or info.device
+    iteration). ``device`` (e.g. "cpu", "cuda") defaults to the rank's GPU, else the CPU."""
+    info = init_distributed(device)
+    device = info.device
     output = Path(output)
     if info.is_main:
         output.mkdir(parents=True, exist_ok=True)
