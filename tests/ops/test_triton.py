@@ -125,11 +125,22 @@ def test_partial_gradients(softmax, requires):
     _compare(_inputs(1, 3, 7, 9, 3, 2, True, True), 3, 1, 2, softmax=softmax, requires=requires)
 
 
-def test_channel_blocks(monkeypatch):
-    # More channels than one block: the forward and grad_v split channels over programs, grad_attn loops.
-    monkeypatch.setattr(op, "MAX_BLOCK_C", 2)
-    _compare(_inputs(1, 3, 7, 9, 3, 1, True, True), 3, 1, 1)
-    _compare(_inputs(1, 3, 7, 9, 3, 1, True, True), 3, 1, 1, softmax=True)
+@pytest.mark.parametrize("c", [4, 6, 8], ids=lambda c: f"c{c}")
+@pytest.mark.parametrize("softmax", [False, True], ids=["plain", "softmax"])
+def test_channel_blocks(c, softmax):
+    # The interpreter's tile holds 4 channels: one full block (no channel masks), a full and a partial block,
+    # two full blocks. The forward and grad_v split channels over programs, grad_attn loops over them.
+    assert op.INTERPRET_TILE[0] == 4 or not op.INTERPRET
+    _compare(_inputs(1, c, 7, 9, 3, 1, True, True), 3, 1, 1, softmax=softmax)
+
+
+def test_tile_pruning():
+    """Channel blocks wider than the channels are dropped, but the narrowest tiles always stay."""
+    configs = op.tile_configs(op.GATHER_TILES)
+    widths = lambda c: sorted({cfg.kwargs["BLOCK_C"] for cfg in op._prune_channel_blocks(configs, {"C": c})})  # noqa: E731
+    assert widths(1) == widths(3) == widths(8) == [8]
+    assert widths(20) == widths(32) == [8, 32]
+    assert widths(64) == widths(1000) == [8, 32, 64]
 
 
 @pytest.mark.parametrize("softmax", [False, True], ids=["plain", "softmax"])
@@ -220,12 +231,14 @@ def compile_for_h100(fn, constexprs, dtype, fp32_ptrs=()):
                    options=dict(num_warps=4, num_stages=3))
 
 geom = dict(K=5, DIL=2, STRIDE=2, BLOCK_C=32, BLOCK_P=64)
-compile_for_h100(kernels.elsa_fwd_kernel, dict(geom, HAS_MUL=True, HAS_ADD=True, SOFTMAX=True), "bf16")
-compile_for_h100(kernels.elsa_bwd_attn_kernel,
-                 dict(geom, HAS_MUL=True, SOFTMAX=True, WRITE_LSE=True, NEED_ATTN=True, NEED_MUL=True,
-                      NEED_ADD=True, ALL_C=False), "bf16", ("gm_ptr", "gd_ptr", "lse_ptr"))
-compile_for_h100(kernels.elsa_bwd_v_kernel, dict(geom, HAS_MUL=True, HAS_ADD=True, SOFTMAX=True), "bf16",
-                 ("lse_ptr",))
+for even_c, all_c in ((False, False), (True, True)):
+    compile_for_h100(kernels.elsa_fwd_kernel, dict(geom, HAS_MUL=True, HAS_ADD=True, SOFTMAX=True, EVEN_C=even_c),
+                     "bf16")
+    compile_for_h100(kernels.elsa_bwd_attn_kernel,
+                     dict(geom, HAS_MUL=True, SOFTMAX=True, WRITE_LSE=True, NEED_ATTN=True, NEED_MUL=True,
+                          NEED_ADD=True, ALL_C=all_c, EVEN_C=even_c), "bf16", ("gm_ptr", "gd_ptr", "lse_ptr"))
+    compile_for_h100(kernels.elsa_bwd_v_kernel, dict(geom, HAS_MUL=True, HAS_ADD=True, SOFTMAX=True, EVEN_C=even_c),
+                     "bf16", ("lse_ptr",))
 print("compiled")
 """
 

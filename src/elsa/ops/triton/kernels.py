@@ -37,6 +37,31 @@ def _split_pid(num_pixels, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def _channel_mask(offs_c, C, EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr):
+    """offs_c < C; a constant all-true mask when C is a multiple of BLOCK_C, so the compiler drops the
+    per-element channel predicates (on a GPU they cost about as many instructions as the loads they guard)."""
+    if EVEN_C:
+        return tl.full([BLOCK_C], 1, tl.int1)
+    else:
+        return offs_c < C
+
+
+@triton.jit
+def _clamp_channels(offs_c, C, EVEN_C: tl.constexpr):
+    """Channel indices safe to load unmasked: a partial block re-reads channel C - 1 (never stored)."""
+    if EVEN_C:
+        return offs_c
+    else:
+        return tl.minimum(offs_c, C - 1)
+
+
+@triton.jit
+def _clamp(idx, size):
+    """idx clamped to [0, size): a valid address to load from, whose value the caller weights by zero."""
+    return tl.minimum(tl.maximum(idx, 0), size - 1)
+
+
+@triton.jit
 def _softmax_stats(a_base, a_off, mask_p, stride_ak, KK: tl.constexpr, BLOCK_P: tl.constexpr):
     """Online max and sum of exp over the KK logits of each pixel of the tile: (max, sum), each (BLOCK_P,)."""
     mx = tl.full([BLOCK_P], _NEG_BIG, tl.float32)
@@ -59,7 +84,7 @@ def elsa_fwd_kernel(
     sd_n, sd_c, sd_i, sd_j,
     K: tl.constexpr, DIL: tl.constexpr, STRIDE: tl.constexpr,
     HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr, SOFTMAX: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """out (N, C, Ho, Wo), contiguous. Grid: (N * channel blocks * pixel tiles,), pixel tiles fastest."""
     pid_nc, pid_p = _split_pid(Ho * Wo, BLOCK_P)
@@ -72,7 +97,8 @@ def elsa_fwd_kernel(
     y = offs_p // Wo
     x = offs_p % Wo
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    mask_c = _channel_mask(offs_c, C, EVEN_C, BLOCK_C)
+    load_c = _clamp_channels(offs_c, C, EVEN_C)
 
     a_base = a_ptr + n * sa_n
     a_off = y * sa_h + x * sa_w
@@ -83,35 +109,37 @@ def elsa_fwd_kernel(
     # Index arithmetic is hoisted out of the K*K loop by hand: the compiler would do it on a GPU, the CPU
     # interpreter (where the tests run) pays for every integer op.
     a_ptrs = a_base + a_off
-    v_base = v_ptr + n * sv_n + offs_c[:, None] * sv_c
-    m_base = m_ptr + n * sm_n + offs_c * sm_c
-    d_base = d_ptr + n * sd_n + offs_c * sd_c
-    mask_c2 = mask_c[:, None]
+    v_base = v_ptr + n * sv_n + load_c[:, None] * sv_c
+    m_base = m_ptr + n * sm_n + load_c * sm_c
+    d_base = d_ptr + n * sd_n + load_c * sd_c
     y0 = y * STRIDE - (K // 2) * DIL
     x0 = x * STRIDE - (K // 2) * DIL
     acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
     for i in range(K):
         yy = y0 + i * DIL
         in_y = mask_p & (yy >= 0) & (yy < H)
-        v_row = v_base + (yy * sv_h)[None, :]
+        v_row = v_base + (_clamp(yy, H) * sv_h)[None, :]
         m_row = m_base + i * sm_i
         d_row = d_base + i * sd_i
         for j in range(K):
             xx = x0 + j * DIL
-            inside = in_y & (xx >= 0) & (xx < W)
+            # v is read unmasked at the clamped position; the weight of a neighbour outside the image is zeroed
+            # per pixel instead, which is cheaper than a predicate and a zero fill per element.
+            inside = (in_y & (xx >= 0) & (xx < W)).to(tl.float32)
             a = tl.load(a_ptrs, mask=mask_p, other=0.0).to(tl.float32)
             a_ptrs += sa_k
             if SOFTMAX:
                 a = tl.exp(a - mx) * inv_sm
-            vv = tl.load(v_row + (xx * sv_w)[None, :], mask=mask_c2 & inside[None, :], other=0.0).to(tl.float32)
+            a = a * inside
+            vv = tl.load(v_row + (_clamp(xx, W) * sv_w)[None, :]).to(tl.float32)
             if HAS_MUL:
-                mm = tl.load(m_row + j * sm_j, mask=mask_c, other=0.0).to(tl.float32)
+                mm = tl.load(m_row + j * sm_j).to(tl.float32)
                 f = mm[:, None] * a[None, :]
             else:
                 f = a[None, :]
             if HAS_ADD:
-                dd = tl.load(d_row + j * sd_j, mask=mask_c, other=0.0).to(tl.float32)
-                f = f + dd[:, None]
+                dd = tl.load(d_row + j * sd_j).to(tl.float32)
+                f = f + dd[:, None] * inside[None, :]
             acc += vv * f
 
     out_ptrs = out_ptr + (n * C + offs_c[:, None]) * (Ho * Wo) + offs_p[None, :]
@@ -129,7 +157,7 @@ def elsa_bwd_attn_kernel(
     K: tl.constexpr, DIL: tl.constexpr, STRIDE: tl.constexpr,
     HAS_MUL: tl.constexpr, SOFTMAX: tl.constexpr, WRITE_LSE: tl.constexpr,
     NEED_ATTN: tl.constexpr, NEED_MUL: tl.constexpr, NEED_ADD: tl.constexpr,
-    ALL_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ALL_C: tl.constexpr, EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Gradients of attention (or logits), m and d. Grid: (N * pixel tiles,), pixel tiles fastest.
 
@@ -147,8 +175,11 @@ def elsa_bwd_attn_kernel(
 
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < Ho * Wo
-    y = offs_p // Wo
-    x = offs_p % Wo
+    # Pixels past the end of the map stand in for the last one: every load from them is valid, and their
+    # products are zero because v is masked with mask_p. So g and the ghosts load without masks.
+    p_safe = tl.minimum(offs_p, Ho * Wo - 1)
+    y = p_safe // Wo
+    x = p_safe % Wo
 
     a_base = a_ptr + n * sa_n
     a_off = y * sa_h + x * sa_w
@@ -165,15 +196,12 @@ def elsa_bwd_attn_kernel(
         pdp = tl.zeros([BLOCK_P], tl.float32)
 
     if NEED_ATTN or NEED_MUL or NEED_ADD:
-        mask_p2 = mask_p[None, :]
         y0 = y * STRIDE - (K // 2) * DIL
         x0 = x * STRIDE - (K // 2) * DIL
         a_ptrs = a_base + a_off
         ga_ptrs = ga_base
         if ALL_C:  # one channel block (C <= BLOCK_C): g is loaded once, not once per neighbour
-            offs_c_all = tl.arange(0, BLOCK_C)
-            g_all = tl.load(g_base + offs_c_all[:, None] * sg_c, mask=(offs_c_all < C)[:, None] & mask_p2,
-                            other=0.0).to(tl.float32)
+            g_all = tl.load(g_base + _clamp_channels(tl.arange(0, BLOCK_C), C, EVEN_C)[:, None] * sg_c).to(tl.float32)
         for i in range(K):
             yy = y0 + i * DIL
             in_y = mask_p & (yy >= 0) & (yy < H)
@@ -191,18 +219,17 @@ def elsa_bwd_attn_kernel(
                 dp = tl.zeros([BLOCK_P], tl.float32)
                 for c0 in range(0, C, BLOCK_C):
                     offs_c = c0 + tl.arange(0, BLOCK_C)
-                    mask_c = offs_c < C
-                    mask_c2 = mask_c[:, None]
+                    mask_c = _channel_mask(offs_c, C, EVEN_C, BLOCK_C)
+                    load_c = _clamp_channels(offs_c, C, EVEN_C)
                     if ALL_C:
                         gg = g_all
                     else:
-                        gg = tl.load(g_base + offs_c[:, None] * sg_c, mask=mask_c2 & mask_p2,
-                                     other=0.0).to(tl.float32)
-                    vv = tl.load(v_off + offs_c[:, None] * sv_c, mask=mask_c2 & inside, other=0.0).to(tl.float32)
-                    prod = gg * vv
+                        gg = tl.load(g_base + load_c[:, None] * sg_c).to(tl.float32)
+                    vv = tl.load(v_off + offs_c[:, None] * sv_c, mask=mask_c[:, None] & inside, other=0.0).to(tl.float32)
+                    prod = gg * vv  # zero for channels >= C, neighbours outside the image, pixels past the end
                     if NEED_ATTN:
                         if HAS_MUL:
-                            mm = tl.load(m_row + j * sm_j + offs_c * sm_c, mask=mask_c, other=0.0).to(tl.float32)
+                            mm = tl.load(m_row + j * sm_j + load_c * sm_c).to(tl.float32)
                             dp += tl.sum(prod * mm[:, None], axis=0)
                         else:
                             dp += tl.sum(prod, axis=0)
@@ -245,7 +272,7 @@ def elsa_bwd_v_kernel(
     sd_n, sd_c, sd_i, sd_j,
     K: tl.constexpr, DIL: tl.constexpr, STRIDE: tl.constexpr,
     HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr, SOFTMAX: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Gradient of v, gathered (no atomics). Grid: (N * channel blocks * input pixel tiles,), pixel tiles fastest.
 
@@ -264,14 +291,14 @@ def elsa_bwd_v_kernel(
     py = offs_p // W
     px = offs_p % W
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    mask_c = _channel_mask(offs_c, C, EVEN_C, BLOCK_C)
+    load_c = _clamp_channels(offs_c, C, EVEN_C)
 
     a_base = a_ptr + n * sa_n
-    g_base = g_ptr + n * sg_n + offs_c[:, None] * sg_c
-    m_base = m_ptr + n * sm_n + offs_c * sm_c
-    d_base = d_ptr + n * sd_n + offs_c * sd_c
+    g_base = g_ptr + n * sg_n + load_c[:, None] * sg_c
+    m_base = m_ptr + n * sm_n + load_c * sm_c
+    d_base = d_ptr + n * sd_n + load_c * sd_c
     lse_base = lse_ptr + n * Ho * Wo
-    mask_c2 = mask_c[:, None]
     # ty = py - (i - K//2)*R: the output row (times S) that sees this pixel as neighbour row i.
     ty0 = py + (K // 2) * DIL
     tx0 = px + (K // 2) * DIL
@@ -283,7 +310,7 @@ def elsa_bwd_v_kernel(
         if STRIDE > 1:
             ok_y = ok_y & (ty % STRIDE == 0)
         a_row = a_base + (i * K) * sa_k + qy * sa_h
-        g_row = g_base + (qy * sg_h)[None, :]
+        g_row = g_base + (_clamp(qy, Ho) * sg_h)[None, :]
         lse_row = lse_base + qy * Wo
         m_row = m_base + i * sm_i
         d_row = d_base + i * sd_i
@@ -296,15 +323,18 @@ def elsa_bwd_v_kernel(
             a = tl.load(a_row + j * sa_k + qx * sa_w, mask=ok, other=0.0).to(tl.float32)
             if SOFTMAX:
                 a = tl.exp(a - tl.load(lse_row + qx, mask=ok, other=0.0))
-            gg = tl.load(g_row + (qx * sg_w)[None, :], mask=mask_c2 & ok[None, :], other=0.0).to(tl.float32)
+            # As in the forward: g is read unmasked at the clamped position and the weight is zeroed per pixel.
+            ok = ok.to(tl.float32)
+            a = a * ok
+            gg = tl.load(g_row + (_clamp(qx, Wo) * sg_w)[None, :]).to(tl.float32)
             if HAS_MUL:
-                mm = tl.load(m_row + j * sm_j, mask=mask_c, other=0.0).to(tl.float32)
+                mm = tl.load(m_row + j * sm_j).to(tl.float32)
                 f = mm[:, None] * a[None, :]
             else:
                 f = a[None, :]
             if HAS_ADD:
-                dd = tl.load(d_row + j * sd_j, mask=mask_c, other=0.0).to(tl.float32)
-                f = f + dd[:, None]
+                dd = tl.load(d_row + j * sd_j).to(tl.float32)
+                f = f + dd[:, None] * ok[None, :]
             acc += gg * f
 
     gv_ptrs = gv_ptr + (n * C + offs_c[:, None]) * (H * W) + offs_p[None, :]

@@ -40,44 +40,61 @@ from . import kernels
 __all__ = ["aggregate", "softmax_aggregate", "triton_aggregate", "triton_softmax_aggregate",
            "triton_aggregate_backward"]
 
-# Largest channel block. Channels beyond it are split over programs (forward, grad_v) or looped inside
-# a program (grad_attn). 64 covers every ELSA-Swin head (32 channels) in one block.
-MAX_BLOCK_C = 64
-
 # Triton decides between compiled and interpreted (TRITON_INTERPRET=1, CPU tensors) kernels when they are
 # defined, i.e. when ``kernels`` was imported; ``why_not`` reads this flag rather than the environment.
 INTERPRET = isinstance(kernels.elsa_fwd_kernel, InterpretedFunction)
 
+# Tile shapes (BLOCK_C channels x BLOCK_P pixels, warps) the autotuner chooses from on a GPU. A thread holds
+# BLOCK_C * BLOCK_P / (32 * warps) elements. The op is bound by instruction issue, not DRAM: the candidates
+# are the cheapest in SASS instructions per element and neighbour for sm_90, with few or no register spills
+# (benchmarks/kernel_sass.py; results/kernel_sass_sm90.json), plus a low-register one for occupancy.
+# A one-warp tile of 32 channels broadcasts each ghost value through shared memory once for the warp; narrow
+# channel blocks give each thread several pixels, which share the ghost loads the same way.
+GATHER_TILES = [(32, 32, 1), (64, 32, 2), (32, 64, 4), (8, 128, 1), (8, 256, 2)]
+# The attention-gradient kernel reduces over channels (dp) and over pixels (ghost gradients) at every
+# neighbour; one-warp tiles keep both reductions inside a warp (no barrier).
+REDUCE_TILES = [(32, 32, 1), (32, 64, 1), (16, 128, 1), (8, 128, 1), (8, 256, 1), (4, 256, 1)]
+# The interpreter runs one tile (its cost grows with every config benchmarked), narrow enough that the tests'
+# small channel counts cover one block, a partial block and several blocks.
+INTERPRET_TILE = (4, 64, 1)
 
-def _configs() -> list[triton.Config]:
-    # The interpreter runs one config (its cost grows with every config benchmarked); a GPU benchmarks a few
-    # pixel-tile sizes per shape.
-    if INTERPRET:
-        return [triton.Config({"BLOCK_P": 64}, num_warps=1)]
-    return [
-        triton.Config({"BLOCK_P": 32}, num_warps=2),
-        triton.Config({"BLOCK_P": 64}, num_warps=4),
-        triton.Config({"BLOCK_P": 128}, num_warps=4),
-        triton.Config({"BLOCK_P": 128}, num_warps=8),
-        triton.Config({"BLOCK_P": 256}, num_warps=8),
-    ]
+
+def tile_configs(tiles: list[tuple[int, int, int]]) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_C": c, "BLOCK_P": p}, num_warps=w) for c, p, w in tiles]
 
 
+def _configs(tiles: list[tuple[int, int, int]]) -> list[triton.Config]:
+    return tile_configs([INTERPRET_TILE] if INTERPRET else tiles)
+
+
+def _prune_channel_blocks(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop channel blocks wider than needed (C = 3 gains nothing from 32 lanes of channels)."""
+    narrowest = min(cfg.kwargs["BLOCK_C"] for cfg in configs)
+    widest = max(triton.next_power_of_2(named_args["C"]), narrowest)
+    return [cfg for cfg in configs if cfg.kwargs["BLOCK_C"] <= widest]
+
+
+# Set from the chosen tile: EVEN_C drops the channel masks, ALL_C keeps the whole grad tile in registers.
+_channel_heuristics = {
+    "EVEN_C": lambda args: args["C"] % args["BLOCK_C"] == 0,
+}
 _KEY = ["C", "H", "W", "Ho", "Wo", "K", "DIL", "STRIDE", "SOFTMAX"]
-_fwd = triton.autotune(configs=_configs(), key=_KEY)(kernels.elsa_fwd_kernel)
+_PRUNE = {"early_config_prune": _prune_channel_blocks}
+_fwd = triton.autotune(configs=_configs(GATHER_TILES), key=_KEY, prune_configs_by=_PRUNE)(
+    triton.heuristics(_channel_heuristics)(kernels.elsa_fwd_kernel))
 # reset_to_zero: the ghost gradients are accumulated atomically, so every benchmarked run starts from zero.
-_bwd_attn = triton.autotune(configs=_configs(), key=_KEY + ["WRITE_LSE", "NEED_ATTN", "NEED_MUL", "NEED_ADD"],
-                            reset_to_zero=["gm_ptr", "gd_ptr"])(kernels.elsa_bwd_attn_kernel)
-_bwd_v = triton.autotune(configs=_configs(), key=_KEY)(kernels.elsa_bwd_v_kernel)
+_bwd_attn = triton.autotune(configs=_configs(REDUCE_TILES),
+                            key=_KEY + ["WRITE_LSE", "NEED_ATTN", "NEED_MUL", "NEED_ADD"],
+                            prune_configs_by=_PRUNE, reset_to_zero=["gm_ptr", "gd_ptr"])(
+    triton.heuristics(dict(_channel_heuristics, ALL_C=lambda args: args["C"] <= args["BLOCK_C"]))(
+        kernels.elsa_bwd_attn_kernel))
+_bwd_v = triton.autotune(configs=_configs(GATHER_TILES), key=_KEY, prune_configs_by=_PRUNE)(
+    triton.heuristics(_channel_heuristics)(kernels.elsa_bwd_v_kernel))
 
 
 def _on_device(t: Tensor):
     """Triton launches on the current CUDA device: make it ``t``'s."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _block_c(c: int) -> int:
-    return min(triton.next_power_of_2(c), MAX_BLOCK_C)
 
 
 def _strides(t: Optional[Tensor]) -> tuple[int, int, int, int]:
@@ -94,8 +111,7 @@ def _forward(v: Tensor, attn: Tensor, ghost_mul: Optional[Tensor], ghost_add: Op
              kernel_size: int, dilation: int, stride: int, softmax: bool) -> Tensor:
     n, c, h, w, ho, wo = _geometry(v, attn)
     out = v.new_empty((n, c, ho, wo))
-    block_c = _block_c(c)
-    grid = lambda meta: (triton.cdiv(ho * wo, meta["BLOCK_P"]) * n * triton.cdiv(c, block_c),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(ho * wo, meta["BLOCK_P"]) * n * triton.cdiv(c, meta["BLOCK_C"]),)  # noqa: E731
     with _on_device(v):
         _fwd[grid](
             v, attn, ghost_mul if ghost_mul is not None else v, ghost_add if ghost_add is not None else v, out,
@@ -103,7 +119,6 @@ def _forward(v: Tensor, attn: Tensor, ghost_mul: Optional[Tensor], ghost_add: Op
             *v.stride(), *attn.stride(), *_strides(ghost_mul), *_strides(ghost_add),
             K=kernel_size, DIL=dilation, STRIDE=stride,
             HAS_MUL=ghost_mul is not None, HAS_ADD=ghost_add is not None, SOFTMAX=softmax,
-            BLOCK_C=block_c,
         )
     return out
 
@@ -118,8 +133,7 @@ def _backward(grad: Tensor, v: Tensor, attn: Tensor, ghost_mul: Optional[Tensor]
     need_add = need_add and ghost_add is not None
     # Custom-op outputs may not alias each other: a fresh empty tensor for each gradient not asked for.
     empty = lambda: v.new_empty(0)  # noqa: E731
-    block_c = _block_c(c)
-    geometry = dict(K=kernel_size, DIL=dilation, STRIDE=stride, SOFTMAX=softmax, BLOCK_C=block_c)
+    geometry = dict(K=kernel_size, DIL=dilation, STRIDE=stride, SOFTMAX=softmax)
     m = ghost_mul if ghost_mul is not None else v
     d = ghost_add if ghost_add is not None else v
 
@@ -142,13 +156,13 @@ def _backward(grad: Tensor, v: Tensor, attn: Tensor, ghost_mul: Optional[Tensor]
                 c, h, w, ho, wo,
                 *grad.stride(), *v.stride(), *attn.stride(), *_strides(ghost_mul),
                 HAS_MUL=ghost_mul is not None, WRITE_LSE=lse is not None,
-                NEED_ATTN=need_attn, NEED_MUL=need_mul, NEED_ADD=need_add, ALL_C=c <= block_c,
+                NEED_ATTN=need_attn, NEED_MUL=need_mul, NEED_ADD=need_add,
                 **geometry,
             )
         gv = empty()
         if need_v:
             gv = v.new_empty((n, c, h, w))
-            grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]) * n * triton.cdiv(c, block_c),)  # noqa: E731
+            grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]) * n * triton.cdiv(c, meta["BLOCK_C"]),)  # noqa: E731
             _bwd_v[grid](
                 grad, attn, m, d, lse if lse is not None else dummy, gv,
                 c, h, w, ho, wo,
