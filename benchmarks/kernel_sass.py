@@ -34,8 +34,6 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for real, whatever the calle
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 try:
     import elsa  # noqa: F401
@@ -43,21 +41,13 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from elsa.ops.triton import kernels, op  # noqa: E402
+from elsa.ops.triton.aot import compile_for  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-FLOAT32_POINTERS = {"gm_ptr", "gd_ptr", "lse_ptr"}
 KERNEL_SIZE, CHANNELS = 7, 32
 # (name, has ghost_mul, has ghost_add): ELSA-Swin uses the additive ghost only (lam = 0).
 VARIANTS = [("additive ghost", False, True), ("both ghosts", True, True)]
-
-
-def compile_kernel(fn, constexprs: dict, dtype: str, num_warps: int, arch: int):
-    signature = {name: "constexpr" if name in constexprs else
-                 ("*fp32" if name in FLOAT32_POINTERS else f"*{dtype}") if name.endswith("_ptr") else "i32"
-                 for name in fn.arg_names}
-    return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps))
 
 
 def _cuobjdump(cubin: bytes, flag: str) -> str:
@@ -106,7 +96,8 @@ def per_element(kernel_loops: list[dict], elements: float, channel_trips: int) -
 def analyse(name: str, fn, constexprs: dict, tile: tuple[int, int, int], dtype: str, arch: int,
             channel_loop: bool) -> dict:
     block_c, block_p, warps = tile
-    compiled = compile_kernel(fn, dict(constexprs, BLOCK_C=block_c, BLOCK_P=block_p), dtype, warps, arch)
+    compiled = compile_for(fn, dict(constexprs, BLOCK_C=block_c, BLOCK_P=block_p), dtype=dtype, num_warps=warps,
+                           arch=arch)
     cubin = compiled.asm["cubin"]
     usage = dict(re.findall(r"(REG|STACK|SHARED):(\d+)", _cuobjdump(cubin, "--dump-resource-usage")))
     elements = block_c * block_p / (32 * warps)

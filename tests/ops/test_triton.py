@@ -218,27 +218,16 @@ def test_torch_compile_fullgraph():
 
 
 _COMPILE_SCRIPT = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from elsa.ops.triton import kernels
-
-def compile_for_h100(fn, constexprs, dtype, fp32_ptrs=()):
-    sig = {name: "constexpr" if name in constexprs else
-           ("*fp32" if name in fp32_ptrs else "*" + dtype) if name.endswith("_ptr") else "i32"
-           for name in fn.arg_names}
-    triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps=4, num_stages=3))
+from elsa.ops.triton.aot import compile_for  # bfloat16 pointers, 4 warps, sm_90 by default
 
 geom = dict(K=5, DIL=2, STRIDE=2, BLOCK_C=32, BLOCK_P=64)
 for even_c, all_c in ((False, False), (True, True)):
-    compile_for_h100(kernels.elsa_fwd_kernel, dict(geom, HAS_MUL=True, HAS_ADD=True, SOFTMAX=True, EVEN_C=even_c),
-                     "bf16")
-    compile_for_h100(kernels.elsa_bwd_attn_kernel,
-                     dict(geom, HAS_MUL=True, SOFTMAX=True, WRITE_LSE=True, NEED_ATTN=True, NEED_MUL=True,
-                          NEED_ADD=True, ALL_C=all_c, EVEN_C=even_c), "bf16", ("gm_ptr", "gd_ptr", "lse_ptr"))
-    compile_for_h100(kernels.elsa_bwd_v_kernel, dict(geom, HAS_MUL=True, HAS_ADD=True, SOFTMAX=True, EVEN_C=even_c),
-                     "bf16", ("lse_ptr",))
+    compile_for(kernels.elsa_fwd_kernel, dict(geom, HAS_MUL=True, HAS_ADD=True, SOFTMAX=True, EVEN_C=even_c))
+    compile_for(kernels.elsa_bwd_attn_kernel,
+                dict(geom, HAS_MUL=True, SOFTMAX=True, WRITE_LSE=True, NEED_ATTN=True, NEED_MUL=True,
+                     NEED_ADD=True, ALL_C=all_c, EVEN_C=even_c))
+    compile_for(kernels.elsa_bwd_v_kernel, dict(geom, HAS_MUL=True, HAS_ADD=True, SOFTMAX=True, EVEN_C=even_c))
 print("compiled")
 """
 
