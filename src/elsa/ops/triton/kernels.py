@@ -11,8 +11,11 @@ With ``SOFTMAX`` the attention pointer holds logits and the softmax over the K*K
 registers: a first pass over k computes the running max and sum for the pixel tile, later passes turn each
 logit into a probability as it is loaded. The softmaxed map is never written.
 
-The op is memory-bound, so every kernel reads each input once per program and keeps the K*K loop inside the
-program: the re-reads of v at shifted positions (and of g in the backward) hit L1/L2, not DRAM.
+Every kernel reads each input from DRAM about once and keeps the K*K loop inside the program: the re-reads of
+v at shifted positions (and of g in the backward) hit L1/L2. What bounds the kernels is then instruction
+issue (49 gather-multiply-adds per element at K = 7), so the loops keep per-element work to a load, an address
+and two FMAs: masks and zeroing are done per pixel or per channel, not per element
+(benchmarks/kernel_sass.py counts the instructions).
 """
 from __future__ import annotations
 
