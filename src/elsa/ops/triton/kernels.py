@@ -65,6 +65,33 @@ def _clamp(idx, size):
 
 
 @triton.jit
+def _channel_block(pid_nc, C, EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(n as int64, channel offsets, their store mask, their clamped load indices) of a program whose outer
+    grid index ``pid_nc`` runs over (n, channel block), channel blocks fastest."""
+    num_cb = tl.cdiv(C, BLOCK_C)
+    offs_c = (pid_nc % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return ((pid_nc // num_cb).to(tl.int64), offs_c, _channel_mask(offs_c, C, EVEN_C, BLOCK_C),
+            _clamp_channels(offs_c, C, EVEN_C))
+
+
+@triton.jit
+def _neighbour_weight(a, inside, m_ptrs, d_ptrs, HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr):
+    """(BLOCK_C, BLOCK_P) weight m * a + d of one neighbour, zero where ``inside`` (per pixel) is false.
+
+    The value it weights was loaded unmasked at a clamped position: zeroing the weight once per pixel is
+    cheaper than a predicate and a zero fill per element."""
+    inside = inside.to(tl.float32)
+    a = a * inside
+    if HAS_MUL:
+        f = tl.load(m_ptrs).to(tl.float32)[:, None] * a[None, :]
+    else:
+        f = a[None, :]
+    if HAS_ADD:
+        f = f + tl.load(d_ptrs).to(tl.float32)[:, None] * inside[None, :]
+    return f
+
+
+@triton.jit
 def _softmax_stats(a_base, a_off, mask_p, stride_ak, KK: tl.constexpr, BLOCK_P: tl.constexpr):
     """Online max and sum of exp over the KK logits of each pixel of the tile: (max, sum), each (BLOCK_P,)."""
     mx = tl.full([BLOCK_P], _NEG_BIG, tl.float32)
@@ -91,17 +118,12 @@ def elsa_fwd_kernel(
 ):
     """out (N, C, Ho, Wo), contiguous. Grid: (N * channel blocks * pixel tiles,), pixel tiles fastest."""
     pid_nc, pid_p = _split_pid(Ho * Wo, BLOCK_P)
-    num_cb = tl.cdiv(C, BLOCK_C)
-    n = (pid_nc // num_cb).to(tl.int64)
-    cb = pid_nc % num_cb
+    n, offs_c, mask_c, load_c = _channel_block(pid_nc, C, EVEN_C, BLOCK_C)
 
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < Ho * Wo
     y = offs_p // Wo
     x = offs_p % Wo
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = _channel_mask(offs_c, C, EVEN_C, BLOCK_C)
-    load_c = _clamp_channels(offs_c, C, EVEN_C)
 
     a_base = a_ptr + n * sa_n
     a_off = y * sa_h + x * sa_w
@@ -126,24 +148,15 @@ def elsa_fwd_kernel(
         d_row = d_base + i * sd_i
         for j in range(K):
             xx = x0 + j * DIL
-            # v is read unmasked at the clamped position; the weight of a neighbour outside the image is zeroed
-            # per pixel instead, which is cheaper than a predicate and a zero fill per element.
-            inside = (in_y & (xx >= 0) & (xx < W)).to(tl.float32)
+            # v is read unmasked at the clamped position; _neighbour_weight zeroes the weight of a neighbour
+            # outside the image.
+            inside = in_y & (xx >= 0) & (xx < W)
             a = tl.load(a_ptrs, mask=mask_p, other=0.0).to(tl.float32)
             a_ptrs += sa_k
             if SOFTMAX:
                 a = tl.exp(a - mx) * inv_sm
-            a = a * inside
             vv = tl.load(v_row + (_clamp(xx, W) * sv_w)[None, :]).to(tl.float32)
-            if HAS_MUL:
-                mm = tl.load(m_row + j * sm_j).to(tl.float32)
-                f = mm[:, None] * a[None, :]
-            else:
-                f = a[None, :]
-            if HAS_ADD:
-                dd = tl.load(d_row + j * sd_j).to(tl.float32)
-                f = f + dd[:, None] * inside[None, :]
-            acc += vv * f
+            acc += vv * _neighbour_weight(a, inside, m_row + j * sm_j, d_row + j * sd_j, HAS_MUL, HAS_ADD)
 
     out_ptrs = out_ptr + (n * C + offs_c[:, None]) * (Ho * Wo) + offs_p[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
@@ -285,17 +298,12 @@ def elsa_bwd_v_kernel(
     gv (N, C, H, W) is contiguous.
     """
     pid_nc, pid_p = _split_pid(H * W, BLOCK_P)
-    num_cb = tl.cdiv(C, BLOCK_C)
-    n = (pid_nc // num_cb).to(tl.int64)
-    cb = pid_nc % num_cb
+    n, offs_c, mask_c, load_c = _channel_block(pid_nc, C, EVEN_C, BLOCK_C)
 
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < H * W
     py = offs_p // W
     px = offs_p % W
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = _channel_mask(offs_c, C, EVEN_C, BLOCK_C)
-    load_c = _clamp_channels(offs_c, C, EVEN_C)
 
     a_base = a_ptr + n * sa_n
     g_base = g_ptr + n * sg_n + load_c[:, None] * sg_c
@@ -327,18 +335,8 @@ def elsa_bwd_v_kernel(
             if SOFTMAX:
                 a = tl.exp(a - tl.load(lse_row + qx, mask=ok, other=0.0))
             # As in the forward: g is read unmasked at the clamped position and the weight is zeroed per pixel.
-            ok = ok.to(tl.float32)
-            a = a * ok
             gg = tl.load(g_row + (_clamp(qx, Wo) * sg_w)[None, :]).to(tl.float32)
-            if HAS_MUL:
-                mm = tl.load(m_row + j * sm_j).to(tl.float32)
-                f = mm[:, None] * a[None, :]
-            else:
-                f = a[None, :]
-            if HAS_ADD:
-                dd = tl.load(d_row + j * sd_j).to(tl.float32)
-                f = f + dd[:, None] * ok[None, :]
-            acc += gg * f
+            acc += gg * _neighbour_weight(a, ok, m_row + j * sm_j, d_row + j * sd_j, HAS_MUL, HAS_ADD)
 
     gv_ptrs = gv_ptr + (n * C + offs_c[:, None]) * (H * W) + offs_p[None, :]
     tl.store(gv_ptrs, acc.to(gv_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
