@@ -53,3 +53,13 @@ def torch_save(obj: object, path: PathLike) -> Path:
     import torch
 
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_png(fig, path: PathLike, dpi: int = 100) -> Path:
+    """Write a matplotlib figure as PNG atomically, then close it (pyplot keeps every open figure alive)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)

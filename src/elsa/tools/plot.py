@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from ..io import atomic_write
+from ..io import save_png
 from .common import PathLike, ToolError
 
 _logger = logging.getLogger(__name__)
@@ -105,10 +105,7 @@ def plot_curves(run_dir: PathLike, out: Optional[PathLike] = None, dpi: int = 11
             ax.legend(fontsize=8)
     fig.suptitle(f"{run.name}: {len(records)} epochs", fontsize=10)
     fig.tight_layout()
-    try:
-        atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
-    finally:
-        plt.close(fig)
+    save_png(fig, out, dpi=dpi)
     _logger.info("wrote %s", out)
     return out
 

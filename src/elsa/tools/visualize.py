@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..io import atomic_write
+from ..io import save_png
 from ..layers import ELSA
 from .common import PathLike, ToolError
 
@@ -217,10 +217,7 @@ def plot_attention_maps(maps: AttentionMaps, out: PathLike, heads: Optional[Sequ
                  f"{maps.map_size[0]}x{maps.map_size[1]}{note}; + marks the query pixel", fontsize=11)
     fig.tight_layout()
     out = Path(out)
-    try:
-        atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
-    finally:
-        plt.close(fig)
+    save_png(fig, out, dpi=dpi)
     _logger.info("wrote %s", out)
     return out
 
