@@ -6,7 +6,8 @@ import torch
 
 from elsa.ops import elsa_aggregate, elsa_softmax_aggregate, reference
 
-CPU_BACKENDS = ["reference", "native"]
+CPU_BACKENDS = ["reference", "native", "cpp"]
+FAST_CPU_BACKENDS = ["native", "cpp"]
 GHOSTS = ["none", "mul", "add", "both"]
 
 
@@ -50,17 +51,18 @@ def test_reference_matches_the_formula(k, dilation, stride, ghosts):
 ])
 @pytest.mark.parametrize("ghosts", GHOSTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_native_matches_reference(k, dilation, stride, h, w, ghosts, dtype):
+@pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
+def test_fast_backends_match_reference(backend, k, dilation, stride, h, w, ghosts, dtype):
     v, attn, mul, add = make_inputs(h=h, w=w, k=k, stride=stride, ghosts=ghosts, dtype=dtype, seed=k + h)
     inputs = [t.requires_grad_() for t in (v, attn, mul, add) if t is not None]
     grad_out = torch.randn(v.shape[0], v.shape[1], h // stride, w // stride, dtype=dtype)
     results = {}
-    for backend in CPU_BACKENDS:
-        out = elsa_aggregate(v, attn, mul, add, kernel_size=k, dilation=dilation, stride=stride, backend=backend)
+    for name in ("reference", backend):
+        out = elsa_aggregate(v, attn, mul, add, kernel_size=k, dilation=dilation, stride=stride, backend=name)
         grads = torch.autograd.grad(out, inputs, grad_out)
-        results[backend] = (out, *grads)
+        results[name] = (out, *grads)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else {}
-    for got, expected in zip(results["native"], results["reference"]):
+    for got, expected in zip(results[backend], results["reference"]):
         torch.testing.assert_close(got, expected, **tol)
 
 
@@ -83,22 +85,24 @@ def test_gradcheck(backend, k, stride, dilation, ghosts):
     assert torch.autograd.gradcheck(fn, args, fast_mode=k > 3)
 
 
-def test_gradient_only_for_inputs_that_need_it():
+@pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
+def test_gradient_only_for_inputs_that_need_it(backend):
     v, attn, mul, add = make_inputs(ghosts="both")
     v.requires_grad_()
-    out = elsa_aggregate(v, attn, mul, add, backend="native")
+    out = elsa_aggregate(v, attn, mul, add, backend=backend)
     (gv,) = torch.autograd.grad(out.sum(), [v])
     expected = torch.autograd.grad(reference.aggregate(v, attn, mul, add, 3, 1, 1).sum(), [v])[0]
     torch.testing.assert_close(gv, expected)
 
 
-def test_expanded_ghosts_and_noncontiguous_inputs():
+@pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
+def test_expanded_ghosts_and_noncontiguous_inputs(backend):
     v, attn, _, _ = make_inputs(n=4, c=3, h=8, w=8, k=3, ghosts="none", dtype=torch.float32)
     base = torch.randn(1, 3, 3, 3)
     add = base.expand(4, -1, -1, -1)  # stride-0 batch axis, as the layer produces
     v_nc = v.transpose(2, 3)  # non-contiguous view
     attn_nc = attn.transpose(2, 3)
-    out = elsa_aggregate(v_nc, attn_nc, None, add, backend="native")
+    out = elsa_aggregate(v_nc, attn_nc, None, add, backend=backend)
     torch.testing.assert_close(out, reference.aggregate(v_nc.contiguous(), attn_nc.contiguous(), None,
                                                        add.contiguous(), 3, 1, 1), atol=1e-5, rtol=1e-5)
 
@@ -116,10 +120,11 @@ def test_kernel_size_inferred_from_attn():
     torch.testing.assert_close(elsa_aggregate(v, attn, None, add), elsa_aggregate(v, attn, None, add, kernel_size=5))
 
 
-def test_output_dtype_follows_input():
+@pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
+def test_output_dtype_follows_input(backend):
     v, attn, _, add = make_inputs(dtype=torch.float32, ghosts="add")
-    assert elsa_aggregate(v, attn, None, add).dtype == torch.float32
+    assert elsa_aggregate(v, attn, None, add, backend=backend).dtype == torch.float32
     v16, attn16, add16 = (t.to(torch.bfloat16) for t in (v, attn, add))
-    out16 = elsa_aggregate(v16, attn16, None, add16, backend="native")
+    out16 = elsa_aggregate(v16, attn16, None, add16, backend=backend)
     assert out16.dtype == torch.bfloat16
     torch.testing.assert_close(out16.float(), reference.aggregate(v, attn, None, add, 3, 1, 1), atol=0.1, rtol=0.05)

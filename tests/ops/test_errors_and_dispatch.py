@@ -21,7 +21,7 @@ def good(k=3, n=2, c=4, h=6, w=6, stride=1, dtype=torch.float32):
     (dict(kernel_size=3.0), TypeError, "kernel_size must be an int"),
     (dict(stride=0), ValueError, "stride must be >= 1, got 0"),
     (dict(dilation=0), ValueError, "dilation must be >= 1, got 0"),
-    (dict(backend="cuda-magic"), ValueError, r"backend must be one of \['native', 'reference', 'triton'\]"),
+    (dict(backend="cuda-magic"), ValueError, r"backend must be one of \['cpp', 'native', 'reference', 'triton'\]"),
 ])
 def test_bad_arguments(kwargs, exc, pattern):
     v, attn, ghost = good()
@@ -95,9 +95,9 @@ def test_forced_backend_that_cannot_run_explains_why(monkeypatch):
         elsa_aggregate(v, attn, backend="triton")
 
 
-def test_automatic_choice_on_cpu_is_native():
+def test_automatic_choice_on_cpu_is_the_compiled_kernel():
     v, _, _ = good()
-    assert select_backend(v).name == "native"
+    assert select_backend(v).name == "cpp"
     assert BACKENDS["reference"].auto_devices == ()
 
 
@@ -108,8 +108,10 @@ def test_environment_variable_forces_backend(monkeypatch):
     monkeypatch.setenv("ELSA_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="got 'nonsense'"):
         elsa_aggregate(v, attn)
-    monkeypatch.setenv("ELSA_BACKEND", "auto")
+    monkeypatch.setenv("ELSA_BACKEND", "native")  # today's PyTorch path stays one variable away
     assert select_backend(v).name == "native"
+    monkeypatch.setenv("ELSA_BACKEND", "auto")
+    assert select_backend(v).name == "cpp"
     assert select_backend(v, "reference").name == "reference"  # the argument wins over the variable
 
 

@@ -3,15 +3,22 @@
 ``elsa_aggregate`` checks its arguments once, picks a backend from one table and calls it. Backends:
 
 - ``reference``: unfold formulation, the oracle (any device, autograd).
-- ``native``: memory-efficient PyTorch with its own backward (default on CPU; on CUDA when Triton is absent).
+- ``native``: memory-efficient PyTorch with its own backward (on CPU when the compiled kernel cannot run; on CUDA
+  when Triton is absent).
+- ``cpp``: a C++/OpenMP kernel built once per machine at first use (default on CPU).
 - ``triton``: fused GPU kernels (default on CUDA when Triton is importable).
 
 A backend is picked automatically from the tensors' device, or forced with ``backend=`` or the
 ``ELSA_BACKEND`` environment variable (read at call time). A forced backend that cannot run raises with
-the reason; automatic selection skips it.
+the reason; automatic selection skips it and logs the reason once.
+
+With ``num_heads=G`` both entry points are head-aware: ``v`` is (B, G*C, H, W) and the attention
+(B, G*K*K, Ho, Wo), as a projection writes them (channels-last strides are read as they are), and the ghosts
+are (G, C, K, K), one for the whole batch. Backends without a head-aware kernel get flattened copies.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -21,11 +28,18 @@ from torch import Tensor
 
 from . import native, reference
 from ._checks import check_aggregate_args, output_size
+from .cpp import op as _cpp_op  # noqa: F401 - registers elsa::cpp_aggregate (nothing is built until it runs)
 
 __all__ = ["elsa_aggregate", "elsa_softmax_aggregate", "BACKENDS", "select_backend", "output_size"]
 
 # signature of a backend's aggregate: (v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride) -> out
 AggregateFn = Callable[..., Tensor]
+# signature of a head-aware aggregate: (v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride, num_heads,
+# softmax) -> out, with v (B, G*C, H, W), attn (B, G*K*K, Ho, Wo), ghosts (G, C, K, K) or (B, G, C, K, K)
+HeadsAggregateFn = Callable[..., Tensor]
+
+_log = logging.getLogger(__name__)
+_logged_reasons: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -35,12 +49,15 @@ class Backend:
     why_not(v) returns None when the backend can run on tensors like ``v``, else the reason.
     auto_devices lists the device types on which automatic selection may pick it.
     softmax_aggregate, when set, fuses the softmax over the K*K neighbours into the aggregation.
+    heads_aggregate, when set, is one head-aware call that does everything (both entry points, fused softmax);
+    the other fields are then unused.
     """
     name: str
     why_not: Callable[[Tensor], Optional[str]]
     aggregate: Callable[[], AggregateFn]
     auto_devices: tuple[str, ...]
     softmax_aggregate: Optional[Callable[[], AggregateFn]] = None
+    heads_aggregate: Optional[Callable[[], HeadsAggregateFn]] = None
 
 
 def _any_device(v: Tensor) -> Optional[str]:
@@ -49,6 +66,12 @@ def _any_device(v: Tensor) -> Optional[str]:
 
 def _triton_why_not(v: Tensor) -> Optional[str]:
     from .triton import why_not  # imports triton lazily; absent triton is a reason, not an error
+
+    return why_not(v)
+
+
+def _cpp_why_not(v: Tensor) -> Optional[str]:
+    from .cpp import why_not  # builds the kernel on first use; failure is a reason, not an error
 
     return why_not(v)
 
@@ -69,6 +92,8 @@ def _triton_softmax_aggregate() -> AggregateFn:
 BACKENDS: dict[str, Backend] = {
     "triton": Backend("triton", _triton_why_not, _triton_aggregate, auto_devices=("cuda",),
                       softmax_aggregate=_triton_softmax_aggregate),
+    "cpp": Backend("cpp", _cpp_why_not, lambda: _cpp_op.cpp_aggregate, auto_devices=("cpu",),
+                   heads_aggregate=lambda: _cpp_op.cpp_aggregate),
     "native": Backend("native", _any_device, lambda: native.aggregate, auto_devices=("cpu", "cuda", "meta")),
     "reference": Backend("reference", _any_device, lambda: reference.aggregate, auto_devices=()),
 }
@@ -86,9 +111,42 @@ def select_backend(v: Tensor, backend: Optional[str] = None) -> Backend:
             raise RuntimeError(f"backend {name!r} cannot run on tensors on {v.device} ({v.dtype}): {reason}")
         return chosen
     for candidate in BACKENDS.values():
-        if v.device.type in candidate.auto_devices and candidate.why_not(v) is None:
+        if v.device.type not in candidate.auto_devices:
+            continue
+        reason = candidate.why_not(v)
+        if reason is None:
             return candidate
+        if (candidate.name, reason) not in _logged_reasons:
+            _logged_reasons.add((candidate.name, reason))
+            _log.info("ELSA backend %r skipped: %s", candidate.name, reason)
     return BACKENDS["reference"]
+
+
+def _run(v: Tensor, attn: Tensor, ghost_mul: Optional[Tensor], ghost_add: Optional[Tensor], kernel_size: int,
+         dilation: int, stride: int, num_heads: Optional[int], softmax: bool, backend: Optional[str]) -> Tensor:
+    """Dispatch checked arguments to the chosen backend, adapting between the flat and the head-aware forms."""
+    chosen = select_backend(v, backend)
+    if chosen.heads_aggregate is not None:
+        if num_heads is None:  # flat form: one head per sample, ghosts per sample
+            mul, add = (None if g is None else g.unsqueeze(1) for g in (ghost_mul, ghost_add))
+            out = chosen.heads_aggregate()(v, attn, mul, add, kernel_size, dilation, stride, 1, softmax)
+            # the result follows v's memory format, as PyTorch's own ops do
+            return out if v.stride(1) == 1 else out.contiguous()
+        return chosen.heads_aggregate()(v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride, num_heads,
+                                        softmax)
+    if num_heads is not None:  # head-aware call on a flat backend: flatten (copies), then restore the heads
+        b, gc, h, w = v.shape
+        ho, wo = attn.shape[-2:]
+        v = v.reshape(b * num_heads, gc // num_heads, h, w)
+        attn = attn.reshape(b * num_heads, -1, ho, wo)
+        ghost_mul, ghost_add = (None if g is None else g.expand(b, *g.shape).reshape(-1, *g.shape[1:])
+                                for g in (ghost_mul, ghost_add))
+    if softmax and chosen.softmax_aggregate is not None:
+        out = chosen.softmax_aggregate()(v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride)
+    else:
+        attn = torch.softmax(attn, dim=1) if softmax else attn
+        out = chosen.aggregate()(v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride)
+    return out if num_heads is None else out.reshape(b, gc, *out.shape[-2:])
 
 
 def elsa_aggregate(
@@ -100,6 +158,7 @@ def elsa_aggregate(
     kernel_size: Optional[int] = None,
     dilation: int = 1,
     stride: int = 1,
+    num_heads: Optional[int] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Aggregate ``v`` over each output position's K x K neighbourhood (spec section 1).
@@ -108,19 +167,24 @@ def elsa_aggregate(
 
     Args:
         v: (N, C, H, W) values; N is batch * heads, C channels per head.
+            With ``num_heads=G``: (B, G*C, H, W), read through its strides (channels-last needs no copy).
         attn: (N, K*K, H // stride, W // stride) attention over the neighbours (already normalised).
-        ghost_mul: (N, C, K, K) multiplicative ghost ``m``, or None for m = 1.
-        ghost_add: (N, C, K, K) additive ghost ``d``, or None for d = 0.
-        kernel_size: odd K; defaults to sqrt(attn.shape[1]).
+            With ``num_heads``: (B, G*K*K, H // stride, W // stride), head g's neighbours at g*K*K + k.
+        ghost_mul: (N, C, K, K) multiplicative ghost ``m``, or None for m = 1. With ``num_heads``: (G, C, K, K),
+            shared by the batch (its gradient is summed over the batch).
+        ghost_add: (N, C, K, K) additive ghost ``d``, or None for d = 0. With ``num_heads``: (G, C, K, K).
+        kernel_size: odd K; defaults to sqrt(attn.shape[1]) (sqrt(attn.shape[1] / G) with heads).
         dilation, stride: r >= 1 and s >= 1.
-        backend: None (automatic), "reference", "native" or "triton".
+        num_heads: None for the flat form above, or G for the head-aware form.
+        backend: None (automatic), "reference", "native", "cpp" or "triton".
 
     Returns:
-        (N, C, H // stride, W // stride), dtype of ``v``.
+        (N, C, H // stride, W // stride), or (B, G*C, H // stride, W // stride) with ``num_heads``; dtype of ``v``.
+        The head-aware form returns channels-last strides on the ``cpp`` backend, so that
+        ``out.permute(0, 2, 3, 1)`` is contiguous.
     """
-    kernel_size = check_aggregate_args(v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride)
-    impl = select_backend(v, backend).aggregate()
-    return impl(v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride)
+    kernel_size = check_aggregate_args(v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride, num_heads)
+    return _run(v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride, num_heads, False, backend)
 
 
 def elsa_softmax_aggregate(
@@ -132,15 +196,15 @@ def elsa_softmax_aggregate(
     kernel_size: Optional[int] = None,
     dilation: int = 1,
     stride: int = 1,
+    num_heads: Optional[int] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
-    """``elsa_aggregate(v, attn_logits.softmax(1), ...)``; backends that can fuse the softmax never write it out.
+    """``elsa_aggregate(v, softmax(attn_logits) over each head's K*K neighbours, ...)``; backends that can fuse
+    the softmax never write it out.
 
-    attn_logits: (N, K*K, H // stride, W // stride) unnormalised attention; other arguments as ``elsa_aggregate``.
+    attn_logits: (N, K*K, H // stride, W // stride) unnormalised attention (with ``num_heads``:
+    (B, G*K*K, H // stride, W // stride)); other arguments as ``elsa_aggregate``.
     """
-    kernel_size = check_aggregate_args(v, attn_logits, ghost_mul, ghost_add, kernel_size, dilation, stride)
-    chosen = select_backend(v, backend)
-    if chosen.softmax_aggregate is not None:
-        return chosen.softmax_aggregate()(v, attn_logits, ghost_mul, ghost_add, kernel_size, dilation, stride)
-    attn = torch.softmax(attn_logits, dim=1)
-    return chosen.aggregate()(v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride)
+    kernel_size = check_aggregate_args(v, attn_logits, ghost_mul, ghost_add, kernel_size, dilation, stride,
+                                       num_heads)
+    return _run(v, attn_logits, ghost_mul, ghost_add, kernel_size, dilation, stride, num_heads, True, backend)

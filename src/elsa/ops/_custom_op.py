@@ -26,9 +26,11 @@ def fake_gradients(v: Tensor, attn: Tensor, ghost_mul: Optional[Tensor], ghost_a
 
 
 def setup_context(ctx, inputs, output) -> None:
-    v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride = inputs
+    """Saves the four tensors; the non-tensor arguments after them (kernel_size, dilation, stride, and any an op
+    adds) are passed back to the backward op in order."""
+    v, attn, ghost_mul, ghost_add, *geometry = inputs
     ctx.save_for_backward(v, attn, ghost_mul, ghost_add)
-    ctx.geometry = (kernel_size, dilation, stride)
+    ctx.geometry = tuple(geometry)
 
 
 def make_backward(backward_op: Callable[..., tuple[Tensor, ...]], *extra: object) -> Callable:
@@ -39,6 +41,6 @@ def make_backward(backward_op: Callable[..., tuple[Tensor, ...]], *extra: object
         need = ctx.needs_input_grad[:4]
         grads = backward_op(grad, v, attn, ghost_mul, ghost_add, *ctx.geometry, *extra, *need)
         grads = [g if wanted and g.numel() else None for g, wanted in zip(grads, need)]
-        return (*grads, None, None, None)
+        return (*grads, *(None for _ in ctx.geometry))
 
     return backward

@@ -29,8 +29,8 @@ _log = logging.getLogger(__name__)
 
 # Names the ELSA ops are registered under (elsa::<name>). The Triton ones exist only once
 # elsa.ops.triton.op has been imported, which needs triton; they are looked up, never required.
-_FORWARD_OPS = ("native_aggregate", "triton_aggregate", "triton_softmax_aggregate")
-_BACKWARD_OPS = ("native_aggregate_backward", "triton_aggregate_backward")
+_FORWARD_OPS = ("native_aggregate", "cpp_aggregate", "triton_aggregate", "triton_softmax_aggregate")
+_BACKWARD_OPS = ("native_aggregate_backward", "cpp_aggregate_backward", "triton_aggregate_backward")
 
 
 def aggregate_macs(out_shape: Sequence[int], kernel_size: int, ghost: bool = True) -> int:
@@ -53,7 +53,7 @@ def _kernel_size(args: tuple, kwargs: dict, position: int) -> int:
 
 
 def _forward_formula(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-    # schema: (v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride) -> out; shapes replace tensors
+    # schema: (v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride, ...) -> out; shapes replace tensors
     return 2 * aggregate_macs(out_shape, _kernel_size(args, kwargs, 4), _has_ghost(args, kwargs, 2))
 
 
