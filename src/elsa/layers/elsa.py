@@ -103,8 +103,8 @@ class ELSA(nn.Module):
             return nn.Parameter(mul if mul is not None else add)
         return None
 
-    def ghosts(self, batch: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """(m ** lam, d * gamma) per (batch * head), each (B*G, C//G, K, K) or None."""
+    def ghosts(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(m ** lam, d * gamma), each (G, C//G, K, K) (one per head, shared by the batch) or None."""
         if self.ghost_head is None:
             return None, None
         if self.lam != 0 and self.gamma != 0:
@@ -118,8 +118,8 @@ class ELSA(nn.Module):
         if add is not None and self.gamma != 1:
             add = add * self.gamma
         k, g = self.kernel_size, self.num_heads
-        shape = (batch * g, self.dim_v // g, k, k)
-        return tuple(None if t is None else t.expand(batch, -1, -1, -1).reshape(shape) for t in (mul, add))
+        shape = (g, self.dim_v // g, k, k)
+        return tuple(None if t is None else t.reshape(shape) for t in (mul, add))
 
     def attention_logits(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> Hadamard-attention logits (B, G*K*K, H // stride, W // stride)."""
@@ -127,31 +127,39 @@ class ELSA(nn.Module):
         return self._logits(q, k)
 
     def _logits(self, q: Tensor, k: Tensor) -> Tensor:
-        h = q * k * self.scale
+        h = q * k if self.scale == 1 else q * k * self.scale
         if self.stride > 1:
             h = F.avg_pool2d(h, self.stride)
-        return self.attn(h)
+        h = self.attn[1](self.attn[0](h))
+        # the 1x1 conv as a matmul over channels-last pixels: the logits come out with the K*K neighbours of each
+        # head contiguous, which is how the compiled CPU kernel reads them (no reshaping copy)
+        conv = self.attn[2]
+        if conv.groups != 1:
+            return conv(h)
+        weight = conv.weight.reshape(conv.out_channels, conv.in_channels)
+        return F.linear(h.permute(0, 2, 3, 1), weight, conv.bias).permute(0, 3, 1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, H, W, C) -> (B, H // stride, W // stride, C)."""
-        b, h, w, _ = x.shape
-        g, kk = self.num_heads, self.kernel_size ** 2
-        q, k, v = self.pre_proj(x.permute(0, 3, 1, 2)).split((self.dim_qk, self.dim_qk, self.dim_v), dim=1)
+        # The 1x1 projection as a matmul over channels-last pixels; q, k and v stay strided views of its output,
+        # and the head-aware operator reads v and the logits through their strides and writes channels-last: no
+        # layout copy between the projections (ELSA-Swin-T's forward made 112 such copies).
+        weight = self.pre_proj.weight.reshape(self.pre_proj.out_channels, self.pre_proj.in_channels)
+        qkv = F.linear(x, weight, self.pre_proj.bias).permute(0, 3, 1, 2)
+        q, k, v = qkv.split((self.dim_qk, self.dim_qk, self.dim_v), dim=1)
         logits = self._logits(q, k)
-        ho, wo = logits.shape[-2:]
-        logits = logits.reshape(b * g, kk, ho, wo)
-        v = v.reshape(b * g, self.dim_v // g, h, w)
         # under autocast v is half precision while the ghost parameters stay float32: the op wants one dtype
-        mul, add = (None if t is None else t.to(v.dtype) for t in self.ghosts(b))
+        mul, add = (None if t is None else t.to(v.dtype) for t in self.ghosts())
         logits = logits.to(v.dtype)
-        geometry = dict(kernel_size=self.kernel_size, dilation=self.dilation, stride=self.stride, backend=self.backend)
+        geometry = dict(kernel_size=self.kernel_size, dilation=self.dilation, stride=self.stride,
+                        num_heads=self.num_heads, backend=self.backend)
         if self.training and self.attn_drop.p > 0:
-            attn = self.attn_drop(logits.softmax(dim=1))
-            out = elsa_aggregate(v, attn, mul, add, **geometry)
+            b, _, ho, wo = logits.shape
+            attn = logits.reshape(b, self.num_heads, -1, ho, wo).softmax(dim=2).reshape(logits.shape)
+            out = elsa_aggregate(v, self.attn_drop(attn), mul, add, **geometry)
         else:  # the softmax can be fused into the aggregation
             out = elsa_softmax_aggregate(v, logits, mul, add, **geometry)
-        out = out.reshape(b, self.dim_v, ho, wo).permute(0, 2, 3, 1)
-        return self.proj_drop(self.post_proj(out))
+        return self.proj_drop(self.post_proj(out.permute(0, 2, 3, 1)))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -112,7 +112,7 @@ def attention_maps(
     map_pixels = [(min(int(y / cell[0]) // attn.stride, ho - 1), min(int(x / cell[1]) // attn.stride, wo - 1))
                   for y, x in pixels]
     attention = torch.stack([probs[..., i, j] for i, j in map_pixels])  # (P, G, K, K)
-    mul, add = attn.ghosts(1)  # each (G, C//G, K, K) or None
+    mul, add = attn.ghosts()  # each (G, C//G, K, K) or None
     ghost_mul = mul.float().mean(dim=1).cpu() if mul is not None else None
     ghost_add = add.float().mean(dim=1).cpu() if add is not None else None
     combined = attention * (ghost_mul if ghost_mul is not None else 1.0)

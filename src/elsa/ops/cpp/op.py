@@ -67,6 +67,8 @@ def _params(v: Tensor, attn: Tensor, ghost_mul, ghost_add, kernel_size: int, dil
 
 def _run(pass_: int, dtype: torch.dtype, params, tensors: list[Optional[Tensor]]) -> None:
     lib = build.load()
+    if lib is None:
+        raise RuntimeError(build.failure() or "the compiled CPU kernel is unavailable")
     ptrs = (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
     status = lib.elsa_cpu_run(_DTYPES[dtype], pass_, params, ptrs, torch.get_num_threads())
     if status != 0:  # pragma: no cover - why_not() rejects other dtypes first
