@@ -393,3 +393,16 @@ def test_box_heads_initialised_as_mmdet(name):
         assert not pred.cls_score.bias.any() and not pred.bbox_pred.bias.any()
     for mp in mask_predictors:  # FCNMaskHead.init_weights: upsample and conv_logits with zero bias
         assert not mp.conv5_mask.bias.any() and not mp.mask_fcn_logits.bias.any()
+
+
+def test_rpn_loss_is_zero_not_nan_without_usable_anchors():
+    """allowed_border=0 on an image smaller than every anchor leaves nothing to sample (mmdet skips the image)."""
+    r = get_recipe("cascade_mask_rcnn_tiny_test", anchor_sizes=(64, 128, 256, 512, 1024))
+    model = build_detector(r).train()
+    images = [torch.rand(3, 40, 48)]
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 30.0]]), "labels": torch.tensor([1]),
+                "masks": torch.zeros(1, 40, 48, dtype=torch.uint8)}]
+    targets[0]["masks"][0, 5:30, 5:30] = 1
+    losses = model(images, targets)
+    assert losses["loss_objectness"].item() == 0 and losses["loss_rpn_box_reg"].item() == 0
+    assert all(torch.isfinite(v) for v in losses.values())

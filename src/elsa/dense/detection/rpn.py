@@ -181,6 +181,8 @@ class MMDetRPN(RegionProposalNetwork):
         else:
             box_loss = F.smooth_l1_loss(pred_bbox_deltas[pos], targets[pos], beta=1 / 9, reduction="sum")
         box_loss = box_loss / max(sampled.numel(), 1)
+        if sampled.numel() == 0:  # no usable anchor in the batch (tiny images with allowed_border=0): no RPN loss
+            return objectness.sum() * 0, box_loss
         obj_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled].float(), labels_all[sampled])
         return obj_loss, box_loss
 
