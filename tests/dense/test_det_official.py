@@ -393,6 +393,13 @@ def test_box_heads_initialised_as_mmdet(name):
         assert not pred.cls_score.bias.any() and not pred.bbox_pred.bias.any()
     for mp in mask_predictors:  # FCNMaskHead.init_weights: upsample and conv_logits with zero bias
         assert not mp.conv5_mask.bias.any() and not mp.mask_fcn_logits.bias.any()
+    for head, _ in pairs:  # mmcv ConvModule: kaiming_init(mode='fan_out', nonlinearity='relu', normal), BN 1 / 0
+        for conv in [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]:
+            fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+            assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.1)
+            assert conv.bias is None
+        for bn in [m for m in head.modules() if isinstance(m, torch.nn.BatchNorm2d)]:
+            assert (bn.weight == 1).all() and not bn.bias.any()
 
 
 def test_rpn_loss_is_zero_not_nan_without_usable_anchors():
