@@ -363,9 +363,14 @@ def test_test_resize_rounds_half_up_as_mmcv_and_maps_back():
     assert tuple(images.image_sizes[0]) == _mmcv_rescale_size(h, w)
     nh, nw = images.image_sizes[0]
     boxes = torch.tensor([[10.0, 20.0, 300.0, 400.0]])
-    out = model.transform.postprocess([{"boxes": boxes.clone()}], [(nh, nw)], [(h, w)])[0]["boxes"]
+    probs = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    out = model.transform.postprocess([{"boxes": boxes.clone(), "masks": probs}], [(nh, nw)], [(h, w)])[0]
     ref = boxes / torch.tensor([nw / w, nh / h, nw / w, nh / h])  # mmdet: bboxes / scale_factor
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(out["boxes"], ref, rtol=0, atol=0)
+    # get_seg_masks(rescale=True): pasted at the original size on the rescaled box, kept if >= 0.5
+    assert out["masks"].shape == (1, 1, h, w)
+    ref_mask = _mmdet_paste(probs[0, 0].double().numpy(), ref[0].numpy(), h, w) >= 0.5
+    np.testing.assert_array_equal(out["masks"][0, 0].numpy() >= 0.5, ref_mask)
 
 
 # ------------------------------------------------------------------ mmdet bbox_head.py / convfc_bbox_head.py init
@@ -413,3 +418,69 @@ def test_rpn_loss_is_zero_not_nan_without_usable_anchors():
     losses = model(images, targets)
     assert losses["loss_objectness"].item() == 0 and losses["loss_rpn_box_reg"].item() == 0
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def _train_batch():
+    masks = torch.zeros(2, 80, 96, dtype=torch.uint8)
+    yy, xx = torch.meshgrid(torch.arange(80), torch.arange(96), indexing="ij")
+    masks[0] = ((yy - 25) ** 2 / 15 ** 2 + (xx - 20) ** 2 / 10 ** 2 <= 1).to(torch.uint8)
+    masks[1, 50:79, 40:95] = 1  # touches the bottom and right borders: the 32-padding decides there
+    images = [torch.rand(3, 80, 96)]
+    targets = [{"boxes": torch.tensor([[10.0, 10, 30, 40], [40, 50, 95, 79]]), "labels": torch.tensor([1, 2]),
+                "masks": masks}]
+    return images, targets
+
+
+def test_mask_rcnn_mask_loss_uses_mmdet_targets():
+    """The training mask loss is mean BCE of the positives' class masks against mmdet's targets (re-derived)."""
+    torch.manual_seed(0)
+    m = build_detector(get_recipe("mask_rcnn_tiny_test")).train()
+    images, targets = _train_batch()
+    seen = {}
+    orig = m.roi_heads.select_training_samples
+
+    def spy(proposals, t):
+        out = orig(proposals, t)
+        seen["props"], seen["matched"], seen["labels"] = out[0], out[1], out[2]
+        return out
+
+    m.roi_heads.select_training_samples = spy
+    m.roi_heads.mask_predictor.register_forward_hook(lambda mod, i, o: seen.__setitem__("logits", o))
+    losses = m(images, targets)
+    lab, props, matched = seen["labels"][0], seen["props"][0], seen["matched"][0]
+    pos = lab > 0
+    assert pos.sum() >= 2
+    ref = _mmdet_mask_target(props[pos].detach().numpy(), targets[0]["masks"].numpy(), matched[pos].numpy(), 28)
+    logits = seen["logits"][torch.arange(int(pos.sum())), lab[pos]]
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(ref).float())
+    assert losses["loss_mask"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_cascade_mask_loss_uses_mmdet_targets():
+    torch.manual_seed(0)
+    m = build_detector(get_recipe("cascade_mask_rcnn_tiny_test")).train()
+    images, targets = _train_batch()
+    rh = m.roi_heads
+    seen = {}
+    orig_sample, orig_logits = rh._sample, rh._mask_logits
+
+    def sample(s, *a):
+        out = orig_sample(s, *a)
+        seen.setdefault(("sample", s), out)
+        return out
+
+    def mask_logits(s, *a):
+        out = orig_logits(s, *a)
+        seen.setdefault(("logits", s), out)
+        return out
+
+    rh._sample, rh._mask_logits = sample, mask_logits
+    losses = m(images, targets)
+    for s, w in enumerate(rh.stage_weights):
+        rois, labels, matched, _ = seen[("sample", s)]
+        pos = labels[0] > 0
+        ref = _mmdet_mask_target(rois[0][pos].detach().numpy(), targets[0]["masks"].numpy(),
+                                 matched[0][pos].numpy(), 28)
+        logits = seen[("logits", s)][torch.arange(int(pos.sum())), labels[0][pos]]
+        expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(ref).float())
+        assert losses[f"s{s}.loss_mask"].item() == pytest.approx(w * expected.item(), rel=1e-6)
