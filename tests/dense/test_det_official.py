@@ -484,3 +484,26 @@ def test_cascade_mask_loss_uses_mmdet_targets():
         logits = seen[("logits", s)][torch.arange(int(pos.sum())), labels[0][pos]]
         expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(ref).float())
         assert losses[f"s{s}.loss_mask"].item() == pytest.approx(w * expected.item(), rel=1e-6)
+
+
+def test_mask_rcnn_rcnn_assigner_equals_mmdet():
+    """train_cfg.rcnn.assigner: MaxIoUAssigner(pos 0.5, neg 0.5, min_pos_iou 0.5, match_low_quality=True)."""
+    rh = build_detector(get_recipe("mask_rcnn_tiny_test")).roi_heads
+    # P overlaps B (85 / 115) more than A (75 / 125 = 0.6) but is A's best proposal (Q = B overlaps A by 0.43):
+    # mmdet's low-quality step gives P to A; torchvision's Matcher (no low-quality matches) gives it to B
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [4.0, 0.0, 14.0, 10.0]])
+    props = torch.tensor([[2.5, 0.0, 12.5, 10.0], [4.0, 0.0, 14.0, 10.0]])
+    matched, labels = rh.assign_targets_to_proposals([props], [gt], [torch.tensor([1, 2])])
+    assert matched[0].tolist() == [0, 1] and labels[0].tolist() == [1, 2]
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        h, w = 80, 96
+        gtb = _boxes(rng, int(rng.integers(1, 6)), h, w)
+        props = np.concatenate([_boxes(rng, 60, h, w), gtb + rng.normal(0, 2, gtb.shape).astype(np.float32)])
+        gl = rng.integers(1, 3, len(gtb))
+        matched, labels = rh.assign_targets_to_proposals([torch.from_numpy(props)], [torch.from_numpy(gtb)],
+                                                         [torch.from_numpy(gl)])
+        ref = _mmdet_assign(_iou(gtb, props), 0.5, 0.5, 0.5)
+        ref_labels = np.where(ref > 0, gl[np.clip(ref - 1, 0, None)], np.where(ref == 0, 0, -1))
+        np.testing.assert_array_equal(labels[0].numpy(), ref_labels)
+        np.testing.assert_array_equal(matched[0].numpy()[ref > 0], ref[ref > 0] - 1)

@@ -34,6 +34,7 @@ from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
+from torchvision.ops import boxes as box_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import _filter_input, _setup_scales
 
@@ -41,7 +42,7 @@ from ..backbone import ELSASwinBackbone
 from ..recipes_det import DetRecipe
 from .cascade import CascadeRoIHeads
 from .masks import mask_loss, paste_masks
-from .rpn import FixedStrideAnchorGenerator, MMDetRPN
+from .rpn import FixedStrideAnchorGenerator, MMDetRPN, max_iou_assign
 
 _logger = logging.getLogger(__name__)
 
@@ -146,15 +147,35 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
 
 
 class MMDetRoIHeads(RoIHeads):
-    """torchvision's RoIHeads (sampling and inference unchanged) with mmdet's training losses: the box loss is L1
-    (class-specific deltas of the positives, summed, divided by the number of sampled RoIs) or torchvision's
-    smooth-L1, and the mask loss uses mmdet's aligned, binarised targets (``masks.mask_loss``)."""
+    """torchvision's RoIHeads (sampling and inference unchanged) with mmdet's training rules: proposals are matched
+    by mmdet's MaxIoUAssigner (the Mask R-CNN config: pos = neg = min_pos_iou = 0.5 with low-quality matches), the
+    box loss is L1 (class-specific deltas of the positives, summed, divided by the number of sampled RoIs) or
+    torchvision's smooth-L1, and the mask loss uses mmdet's aligned, binarised targets (``masks.mask_loss``)."""
 
     def __init__(self, *args, box_loss: str = "l1", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if box_loss not in ("l1", "smooth_l1"):
             raise ValueError(f"box_loss must be 'l1' or 'smooth_l1', got {box_loss!r}")
         self.box_loss = box_loss
+
+    def assign_targets_to_proposals(self, proposals: List[Tensor], gt_boxes: List[Tensor],  # type: ignore[override]
+                                    gt_labels: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+        pos_thr = float(self.proposal_matcher.high_threshold)
+        neg_thr = float(self.proposal_matcher.low_threshold)
+        matched_idxs, labels = [], []
+        for props, boxes, gl in zip(proposals, gt_boxes, gt_labels):
+            if boxes.numel() == 0:
+                idx = torch.zeros(len(props), dtype=torch.int64, device=props.device)
+                lab = torch.zeros(len(props), dtype=torch.int64, device=props.device)
+            else:
+                assigned = max_iou_assign(box_ops.box_iou(boxes, props), pos_thr, neg_thr, min_pos_iou=pos_thr)
+                idx = (assigned - 1).clamp(min=0)
+                lab = gl[idx].to(torch.int64)
+                lab[assigned == 0] = 0
+                lab[assigned < 0] = -1
+            matched_idxs.append(idx)
+            labels.append(lab)
+        return matched_idxs, labels
 
     def forward(self, features, proposals, image_shapes, targets=None):  # type: ignore[override]
         if not self.training:
