@@ -20,7 +20,9 @@ def _write_bad_dataset(tmp_path):
     img_dir.mkdir()
     for i in (1, 2, 3, 4):
         Image.fromarray(np.full((50, 60, 3), 100, np.uint8)).save(img_dir / f"{i}.png")
+    Image.fromarray(np.full((20, 60, 3), 100, np.uint8)).save(img_dir / "6.png")
     images = [{"id": i, "file_name": f"{i}.png", "width": 60, "height": 50} for i in (1, 2, 3, 4, 5)]  # 5: missing
+    images.append({"id": 6, "file_name": "6.png", "width": 60, "height": 20})  # shorter side < 32
 
     def ann(k, img, bbox, seg=None, cat=1, crowd=0, area=None):
         x, y, w, h = bbox
@@ -30,7 +32,7 @@ def _write_bad_dataset(tmp_path):
 
     anns = [
         ann(1, 1, [5, 5, 10, 10]),                                   # good
-        ann(2, 1, [50, 40, 20, 20], seg=[[50, 40, 59, 40, 59, 49, 50, 49]]),  # crosses the border: clipped
+        ann(2, 1, [50, 40, 20, 20], seg=[[50, 40, 59, 40, 59, 49, 50, 49]]),  # crosses the border: kept unclipped
         ann(3, 1, [5, 5, 0.5, 10]),                                  # w < 1: degenerate box
         ann(4, 1, [70, 10, 5, 5]),                                   # entirely outside the image
         ann(5, 1, [5, 5, 10, 10], seg=[[5, 5, 15, 5]]),              # polygon of 2 points only -> no mask
@@ -40,6 +42,7 @@ def _write_bad_dataset(tmp_path):
         ann(9, 3, [5, 5, 0, 0]),                                     # degenerate only -> image 3 empty
         ann(10, 5, [5, 5, 10, 10]),                                  # on the missing image
         ann(11, 1, [20, 20, 10, 10], area=0),                        # area 0: degenerate box
+        ann(12, 6, [5, 5, 10, 10]),                                  # good, on the too-small image
     ]                                                                # image 4: no annotations at all
     ann_dir = tmp_path / "annotations"
     ann_dir.mkdir()
@@ -50,29 +53,37 @@ def _write_bad_dataset(tmp_path):
 
 
 def test_bad_annotations_are_dropped_and_counted(tmp_path, caplog):
+    """mmdet 2.11 CocoDataset rules: _parse_ann_info drops boxes without overlap, w or h < 1, area <= 0, unknown
+    categories, keeps crowd boxes out of the targets, never clips; _filter_imgs keeps an image that has any
+    annotation of a known category (crowd-only or degenerate-only included) and a shorter side >= 32."""
     path, img_dir = _write_bad_dataset(tmp_path)
     ds = CocoInstances(path, img_dir, train=True)
     s = ds.stats
-    assert s["images_total"] == 5
+    assert s["images_total"] == 6
     assert s["images_missing"] == 1
-    assert s["images_empty_skipped"] == 3  # image 2 (crowd only), 3 (degenerate only), 4 (none)
-    assert s["anns_degenerate_box"] == 3  # ids 3, 9, 11
-    assert s["anns_outside_image"] == 1
+    assert s["images_empty_skipped"] == 1  # image 4 (no annotations at all)
+    assert s["images_too_small_skipped"] == 1  # image 6 (20 px high)
+    assert s["images_without_instances"] == 2  # images 2 (crowd only) and 3 (degenerate only) stay, all background
+    assert s["anns_degenerate_box"] == 2  # ids 3, 11
+    assert s["anns_outside_image"] == 2  # ids 4 and 9 (0 x 0: mmdet tests the overlap first)
     assert s["anns_bad_category"] == 1
     assert s["anns_crowd"] == 1
     assert s["anns_no_valid_mask"] == 1
     assert s["polygons_degenerate"] == 2  # the 2-point polygon and the collinear one
-    assert s["boxes_clipped"] == 1
     assert "missing" in caplog.text
-    assert len(ds) == 1
+    assert [info["id"] for info, _ in ds.items] == [1, 2, 3]
     image, t = ds[0]
     assert image.shape == (3, 50, 60) and 0 <= image.min() and image.max() <= 1
-    assert t["labels"].tolist() == [1, 1, 1]  # ids 1, 2 and 6 survive
-    assert t["boxes"][1].tolist() == [50, 40, 60, 50]  # clipped to the 60x50 image
-    assert t["masks"].shape == (3, 50, 60) and t["masks"].dtype == torch.uint8
-    assert t["masks"][0].sum() > 0 and t["masks"][2].sum() > 0
-    # evaluation keeps empty images (nothing to learn, but they count for false positives)
-    assert len(CocoInstances(path, img_dir, train=False)) == 4
+    assert t["labels"].tolist() == [1, 1, 1, 1]  # ids 1, 2, 5 (box kept, empty mask) and 6 survive
+    assert t["boxes"][1].tolist() == [50, 40, 70, 60]  # crosses the border: not clipped (mmdet clips on resize)
+    assert t["masks"].shape == (4, 50, 60) and t["masks"].dtype == torch.uint8
+    assert t["masks"][0].sum() > 0 and t["masks"][2].sum() == 0 and t["masks"][3].sum() > 0
+    _, t2 = ds[1]
+    assert t2["boxes"].shape == (0, 4) and t2["masks"].shape == (0, 50, 60)
+    resized = _resize(image, t, 100, 1000)[1]["boxes"]  # the resize clips to the new image, as mmdet's Resize
+    assert resized[1].tolist() == [100, 80, 120, 100] and resized[0].tolist() == [10, 10, 30, 30]
+    # evaluation keeps every image, small or empty (they count for false positives)
+    assert len(CocoInstances(path, img_dir, train=False)) == 5
 
 
 def test_missing_layout_names_the_expected_files(tmp_path):

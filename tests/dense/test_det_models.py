@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from elsa.dense.detection import build_detector
-from torchvision.models.detection.rpn import RegionProposalNetwork
-
 from elsa.dense.detection.cascade import CascadeRoIHeads
-from elsa.dense.detection.models import L1RegionProposalNetwork, L1RoIHeads
+from elsa.dense.detection.models import MMDetRoIHeads
+from elsa.dense.detection.rpn import MMDetRPN
 from elsa.dense.detection.engine import lr_factor, param_groups, schedule
 from elsa.dense.recipes_det import RECIPES, get_recipe
 
@@ -40,6 +39,7 @@ def test_official_mask_rcnn_settings():
     assert m.backbone.out_channels == 256 and m.backbone.body.out_channels == [96, 192, 384, 768]
     ag = m.rpn.anchor_generator
     assert ag.sizes == ((32,), (64,), (128,), (256,), (512,)) and ag.aspect_ratios[0] == (0.5, 1.0, 2.0)
+    assert ag.strides == (4, 8, 16, 32, 64)
     assert m.rpn._pre_nms_top_n == {"training": 2000, "testing": 1000}
     assert m.rpn._post_nms_top_n == {"training": 1000, "testing": 1000}
     assert m.rpn.nms_thresh == 0.7 and m.rpn.fg_bg_sampler.batch_size_per_image == 256
@@ -50,9 +50,12 @@ def test_official_mask_rcnn_settings():
     assert rh.box_head.fc6.out_features == 1024 and rh.box_predictor.cls_score.out_features == 81
     assert len(rh.mask_head) == 4 and rh.box_roi_pool.sampling_ratio == 0
     assert (m.transform.min_size, m.transform.max_size) == ((800,), 1333)
-    assert isinstance(m.rpn, L1RegionProposalNetwork) and isinstance(rh, L1RoIHeads)  # config: L1Loss for both
+    assert isinstance(m.rpn, MMDetRPN) and isinstance(rh, MMDetRoIHeads)
+    assert m.rpn.box_loss == "l1" and rh.box_loss == "l1"  # config: L1Loss for both
+    assert (m.rpn.allowed_border, m.rpn.min_pos_iou) == (-1, 0.3)
     c = build_detector(get_recipe("cascade_mask_rcnn_elsa_swin_tiny_1x", backbone_kwargs=dict(depths=(1, 1, 1, 1))))
-    assert type(c.rpn) is RegionProposalNetwork  # cascade config: SmoothL1Loss(beta=1/9) = torchvision's RPN loss
+    assert c.rpn.box_loss == "smooth_l1"  # cascade config: SmoothL1Loss(beta=1/9)
+    assert c.rpn.allowed_border == 0  # cascade config: train_cfg.rpn.allowed_border=0
     assert c.rpn._post_nms_top_n == {"training": 2000, "testing": 1000}
 
 

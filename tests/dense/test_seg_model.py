@@ -48,9 +48,22 @@ def test_recipes_follow_official_configs():
         assert (r.channels, r.aux_channels, r.aux_weight, r.pool_scales, r.num_classes) == (512, 256, 0.4,
                                                                                            (1, 2, 3, 6), 150)
         assert r.backbone_kwargs["drop_path_rate"] == 0.3
+        assert r.amp is False  # the official configs have no fp16: float32 training
     assert (t.backbone, s.backbone) == ("elsa_swin_tiny", "elsa_swin_small")
     with pytest.raises(ValueError, match="--recipe"):
         get_recipe("nope")
+
+
+def test_amp_is_an_option_of_the_cli():
+    import argparse
+
+    from elsa.cli.seg import _recipe, add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    base = ["seg", "train", "--recipe", "upernet_elsa_swin_tiny_160k", "--data", "x"]
+    assert _recipe(parser.parse_args(base))[0].amp is False
+    assert _recipe(parser.parse_args(base + ["--amp"]))[0].amp is True
 
 
 def test_loss_ignores_255_and_averages_over_all_pixels():

@@ -158,7 +158,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     names = [f"{classes[int(l) - 1]} {float(s):.2f}" for l, s in zip(labels, scores)]
     canvas = image
     if "masks" in pred and keep.any():
-        masks = pred["masks"][keep][:, 0].cpu() > recipe.mask_thresh
+        masks = pred["masks"][keep][:, 0].cpu() >= recipe.mask_thresh
         canvas = draw_segmentation_masks(canvas, masks, alpha=0.45)
     if len(boxes):
         canvas = draw_bounding_boxes(canvas, boxes, labels=names, colors="yellow", width=2)

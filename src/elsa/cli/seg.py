@@ -41,6 +41,7 @@ def _json_dict(text: str) -> dict:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="upernet_elsa_swin_tiny_160k or upernet_elsa_swin_small_160k")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA (default: float32, as the official runs)")
     hidden = argparse.SUPPRESS  # overrides for small runs and tests; not part of the documented interface
     p.add_argument("--num-classes", type=int, default=None, help=hidden)
     p.add_argument("--crop-size", type=_pair, default=None, help=hidden)
@@ -115,8 +116,8 @@ def _recipe(args: argparse.Namespace):
         changes["backbone_kwargs"] = dict(recipe.backbone_kwargs, **args.backbone_kwargs)
     if getattr(args, "ms_ratios", None):
         changes["ms_ratios"] = tuple(float(r) for r in args.ms_ratios.split(","))
-    if getattr(args, "no_amp", False):
-        changes["amp"] = False
+    if getattr(args, "no_amp", False) or getattr(args, "amp", False):
+        changes["amp"] = bool(getattr(args, "amp", False))
     for name in ("iters", "batch_per_gpu", "num_classes"):
         if name in changes and changes[name] < 1:
             raise ValueError(f"--{name.replace('_per_gpu', '-size').replace('_', '-')} must be >= 1, "

@@ -25,7 +25,9 @@ class ELSASwinBackbone(ELSASwin):
     forward(x: (B, 3, H, W)) -> list of (B, C_i, ceil(H / 2**(i+2)), ...) NCHW maps for i in ``out_indices``,
     with channels C, 2C, 4C, 8C at strides 4, 8, 16, 32 (any H, W).
 
-    frozen_stages: -1 trains everything; 0 freezes the patch embedding; k >= 1 also freezes stages 0..k-1.
+    frozen_stages: as the official det/seg backbone's ``_freeze_stages``: -1 trains everything; 0 and 1 freeze the
+    patch embedding (1 also the absolute position embedding, if any); k >= 2 also freezes stages 0..k-2 (each with
+    its patch merging) and puts the position dropout in eval mode. So k = num_stages + 1 freezes every stage.
     """
 
     def __init__(self, out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1, **kwargs) -> None:
@@ -34,8 +36,8 @@ class ELSASwinBackbone(ELSASwin):
         num_stages = len(self.layers)
         if any(not 0 <= i < num_stages for i in out_indices):
             raise ValueError(f"out_indices must lie in [0, {num_stages}), got {tuple(out_indices)}")
-        if not -1 <= frozen_stages <= num_stages:
-            raise ValueError(f"frozen_stages must lie in [-1, {num_stages}], got {frozen_stages}")
+        if not -1 <= frozen_stages <= num_stages + 1:
+            raise ValueError(f"frozen_stages must lie in [-1, {num_stages + 1}], got {frozen_stages}")
         del self.norm, self.head, self.head_drop
         self.out_indices = tuple(out_indices)
         self.frozen_stages = frozen_stages
@@ -53,10 +55,16 @@ class ELSASwinBackbone(ELSASwin):
         return cls(**dict(args, **kwargs))
 
     def _freeze(self) -> None:
+        k = self.frozen_stages
         frozen: List[nn.Module] = []
-        if self.frozen_stages >= 0:
+        if k >= 0:
             frozen.append(self.patch_embed)
-        frozen.extend(self.layers[:max(self.frozen_stages, 0)])
+        ape = getattr(self, "absolute_pos_embed", None)
+        if k >= 1 and isinstance(ape, nn.Parameter):
+            ape.requires_grad = False
+        if k >= 2:
+            self.pos_drop.eval()
+            frozen.extend(self.layers[:k - 1])
         for module in frozen:
             module.eval()
             for p in module.parameters():

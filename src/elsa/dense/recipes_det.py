@@ -30,6 +30,7 @@ class DetRecipe:
     # neck and heads (official _base_/models/mask_rcnn_elsa_swin_fpn.py)
     num_classes: int = 80
     fpn_channels: int = 256
+    anchor_strides: Tuple[int, ...] = (4, 8, 16, 32, 64)  # mmdet AnchorGenerator strides (fixed, not derived)
     anchor_sizes: Tuple[int, ...] = (32, 64, 128, 256, 512)  # scales=[8] x strides 4..64
     aspect_ratios: Tuple[float, ...] = (0.5, 1.0, 2.0)
     rpn_pre_nms_top_n_train: int = 2000
@@ -41,6 +42,8 @@ class DetRecipe:
     rpn_bg_iou_thresh: float = 0.3
     rpn_batch_size_per_image: int = 256
     rpn_positive_fraction: float = 0.5
+    rpn_min_pos_iou: float = 0.3  # MaxIoUAssigner min_pos_iou: floor of the low-quality matches
+    rpn_allowed_border: int = -1  # train_cfg.rpn.allowed_border: -1 Mask R-CNN, 0 cascade (anchors inside image)
     # box regression losses: "l1" (mmdet L1Loss, the official Mask R-CNN config) or "smooth_l1" (beta 1/9,
     # torchvision's choice and the official cascade config's RPN loss)
     rpn_box_loss: str = "l1"
@@ -130,8 +133,9 @@ def _official(arch: str, size: str, schedule: str) -> DetRecipe:
     if arch == "cascade_mask_rcnn":
         # cascade base: rpn_proposal max_per_img 2000 in training; the elsa_swin/cascade_* files replace the
         # Shared2FC heads by ConvFCBBoxHead(4 convs + SyncBN, 1 fc), class-specific, GIoU loss x10 on decoded boxes.
+        # Its train_cfg.rpn has allowed_border=0: only anchors inside the image get RPN targets.
         r = r.replace(rpn_post_nms_top_n_train=2000, rpn_box_loss="smooth_l1", box_head="4conv1fc",
-                      cascade_class_agnostic=False,
+                      rpn_allowed_border=0, cascade_class_agnostic=False,
                       cascade_box_loss="giou", cascade_box_loss_weight=10.0)
     return r
 
@@ -156,7 +160,7 @@ RECIPES["mask_rcnn_tiny_test"] = DetRecipe(
     warmup_iters=20, batch_size=4, workers=0, amp=False)
 RECIPES["cascade_mask_rcnn_tiny_test"] = RECIPES["mask_rcnn_tiny_test"].replace(
     name="cascade_mask_rcnn_tiny_test", arch="cascade_mask_rcnn", box_head="4conv1fc", rpn_post_nms_top_n_train=100,
-    rpn_box_loss="smooth_l1")
+    rpn_box_loss="smooth_l1", rpn_allowed_border=0)
 
 
 def get_recipe(name: str, **overrides: Any) -> DetRecipe:

@@ -18,9 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection import _utils as det_utils
-from torchvision.models.detection.roi_heads import maskrcnn_loss
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import generalized_box_iou_loss
+
+from .masks import mask_loss
 
 
 class CascadeRoIHeads(nn.Module):
@@ -139,7 +140,8 @@ class CascadeRoIHeads(nn.Module):
             pos_rois = [r[l > 0] for r, l in zip(rois, labels)]
             pos_matched = [m[l > 0] for m, l in zip(matched, labels)]
             mask_logits = self._mask_logits(s, features, pos_rois, image_shapes)
-            loss_mask = maskrcnn_loss(mask_logits.float(), pos_rois, gt_masks, gt_labels, pos_matched)
+            pos_labels = [l[l > 0] for l in labels]
+            loss_mask = mask_loss(mask_logits, pos_rois, gt_masks, pos_labels, pos_matched)
             losses[f"s{s}.loss_cls"] = w * loss_cls
             losses[f"s{s}.loss_box"] = w * loss_box
             losses[f"s{s}.loss_mask"] = w * loss_mask

@@ -1,12 +1,15 @@
-"""COCO-format instance data for detection: reading, cleaning bad annotations (as mmdetection does), and the
-official ELSA-Swin training augmentation.
+"""COCO-format instance data for detection: reading, cleaning bad annotations (as mmdetection 2.11's CocoDataset
+does), and the official ELSA-Swin training augmentation.
 
-Cleaning (counted in ``CocoInstances.stats``, never a crash):
-- images whose file is missing: skipped with a warning;
-- annotations: crowd (``iscrowd=1``) and unknown categories are not used for training; boxes are clipped to the
-  image; boxes with w or h < 1 or area <= 0, or no overlap with the image, are dropped; polygons with fewer than
-  3 points or zero area are dropped, and an instance left without any mask part is dropped;
-- training images left without annotations are skipped (mmdet's ``filter_empty_gt``).
+Cleaning (counted in ``CocoInstances.stats``, never a crash), following mmdet's ``_parse_ann_info`` / ``_filter_imgs``:
+- images whose file is missing: skipped with a warning (mmdet would crash);
+- annotations: crowd (``iscrowd=1``) and unknown categories are not used for training; boxes with no overlap with
+  the image, or with w or h < 1 or area <= 0, are dropped; boxes are NOT clipped here (mmdet clips them when it
+  resizes, as ``TrainTransform`` does); polygons with fewer than 3 points or zero area are dropped, and an instance
+  left without any mask part keeps its box with an empty mask;
+- training keeps an image if it has at least one annotation of a known category, crowd or degenerate ones included
+  (mmdet's ``filter_empty_gt``; such images train as all-background), and if its shorter side is >= ``min_size``
+  (32). Evaluation keeps every image.
 """
 from __future__ import annotations
 
@@ -50,12 +53,13 @@ class CocoInstances(torch.utils.data.Dataset):
 
     target: boxes (N, 4) xyxy float, labels (N,) int64 in 1..K (contiguous, categories sorted by id), masks
     (N, H, W) uint8, image_id (int64), orig_size (2,). ``transforms(image, target) -> (image, target)``.
-    ``train=True`` drops crowd annotations and skips images left empty.
+    ``train=True`` drops crowd annotations and skips images with no annotation of a known category or a side
+    < ``min_size`` (see the module docstring).
     """
 
     def __init__(self, ann_file: Union[str, os.PathLike], img_dir: Union[str, os.PathLike], train: bool,
                  transforms: Optional[Callable] = None, filter_empty: Optional[bool] = None,
-                 check_files: bool = True) -> None:
+                 check_files: bool = True, min_size: int = 32) -> None:
         self.ann_file, self.img_dir = Path(ann_file), Path(img_dir)
         if not self.ann_file.is_file():
             raise FileNotFoundError(f"ann_file {self.ann_file} does not exist")
@@ -82,10 +86,16 @@ class CocoInstances(torch.utils.data.Dataset):
                 _logger.warning("image file missing, skipped: %s", self.img_dir / info["file_name"])
                 self.stats["images_missing"] += 1
                 continue
-            anns = self._clean(info, anns_by_image.get(info["id"], []))
-            if filter_empty and not anns:
+            raw = anns_by_image.get(info["id"], [])
+            if filter_empty and not any(a.get("category_id") in self.cat_to_label for a in raw):
                 self.stats["images_empty_skipped"] += 1
                 continue
+            if train and min(info["width"], info["height"]) < min_size:
+                self.stats["images_too_small_skipped"] += 1
+                continue
+            anns = self._clean(info, raw)
+            if not anns:
+                self.stats["images_without_instances"] += 1
             self.items.append((info, anns))
         _logger.info("%s: %d images used; %s", self.ann_file.name, len(self.items),
                      ", ".join(f"{k}={v}" for k, v in sorted(self.stats.items())))
@@ -103,29 +113,24 @@ class CocoInstances(torch.utils.data.Dataset):
                 self.stats["anns_bad_category"] += 1
                 continue
             x, y, bw, bh = (float(v) for v in a["bbox"])
+            if max(0.0, min(x + bw, w) - max(x, 0.0)) * max(0.0, min(y + bh, h) - max(y, 0.0)) == 0:
+                self.stats["anns_outside_image"] += 1
+                continue
             if bw < 1 or bh < 1 or a.get("area", bw * bh) <= 0:
                 self.stats["anns_degenerate_box"] += 1
                 continue
-            x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + bw, w), min(y + bh, h)
-            if x1 - x0 <= 0 or y1 - y0 <= 0:
-                self.stats["anns_outside_image"] += 1
-                continue
-            if (x0, y0, x1, y1) != (x, y, x + bw, y + bh):
-                self.stats["boxes_clipped"] += 1
             seg = a.get("segmentation")
             if isinstance(seg, list):
                 polys = [p for p in seg if len(p) >= 6 and len(p) % 2 == 0 and _polygon_area(p) > 0]
                 if len(polys) < len(seg):
                     self.stats["polygons_degenerate"] += len(seg) - len(polys)
-                if not polys:
-                    self.stats["anns_no_valid_mask"] += 1
-                    continue
-                seg = polys
+                seg = polys or None
             elif not isinstance(seg, dict):
-                self.stats["anns_no_valid_mask"] += 1
-                continue
-            out.append({"box": [x0, y0, x1, y1], "label": self.cat_to_label[a["category_id"]], "segmentation": seg,
-                        "iscrowd": int(a.get("iscrowd", 0))})
+                seg = None
+            if seg is None:
+                self.stats["anns_no_valid_mask"] += 1  # kept with an empty mask, as its box is valid
+            out.append({"box": [x, y, x + bw, y + bh], "label": self.cat_to_label[a["category_id"]],
+                        "segmentation": seg, "iscrowd": int(a.get("iscrowd", 0))})
         return out
 
     def __len__(self) -> int:
@@ -140,6 +145,8 @@ class CocoInstances(torch.utils.data.Dataset):
         masks = np.zeros((len(anns), h, w), dtype=np.uint8)
         for i, a in enumerate(anns):
             seg = a["segmentation"]
+            if seg is None:
+                continue  # no valid mask part: empty mask
             if isinstance(seg, list):
                 rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
             elif isinstance(seg.get("counts"), list):
@@ -167,9 +174,7 @@ class CocoInstances(torch.utils.data.Dataset):
         if (h, w) != (info["height"], info["width"]):
             self.stats["images_size_mismatch"] += 1
         image = torch.from_numpy(img.copy()).permute(2, 0, 1).float().div_(255)
-        boxes = torch.tensor([a["box"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 0::2].clamp_(0, w)
-        boxes[:, 1::2].clamp_(0, h)
+        boxes = torch.tensor([a["box"] for a in anns], dtype=torch.float32).reshape(-1, 4)  # unclipped, as mmdet
         target = {"boxes": boxes, "labels": torch.tensor([a["label"] for a in anns], dtype=torch.int64),
                   "masks": self._decode_masks(anns, h, w), "image_id": torch.tensor(int(info["id"])),
                   "orig_size": torch.tensor([h, w])}
@@ -180,14 +185,18 @@ class CocoInstances(torch.utils.data.Dataset):
 
 # ------------------------------------------------------------------------------------------------ transforms
 def _resize(image: Tensor, target: Target, short: int, max_size: int) -> Tuple[Tensor, Target]:
-    """Keep-ratio resize as mmcv.imrescale: scale = min(short / min(h, w), max_size / max(h, w))."""
+    """Keep-ratio resize as mmcv.imrescale: scale = min(short / min(h, w), max_size / max(h, w)), sides rounded
+    half-up; boxes scaled by (new_w / w, new_h / h) and clipped to the new image (mmdet Resize, bbox_clip_border)."""
     h, w = image.shape[-2:]
     scale = min(short / min(h, w), max_size / max(h, w))
     nh, nw = max(int(h * scale + 0.5), 1), max(int(w * scale + 0.5), 1)
     image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
     target = dict(target)
     if len(target["boxes"]):
-        target["boxes"] = target["boxes"] * torch.tensor([nw / w, nh / h, nw / w, nh / h])
+        b = target["boxes"] * torch.tensor([nw / w, nh / h, nw / w, nh / h])
+        b[:, 0::2] = b[:, 0::2].clamp(0, nw)
+        b[:, 1::2] = b[:, 1::2].clamp(0, nh)
+        target["boxes"] = b
     m = target["masks"]
     target["masks"] = (F.interpolate(m[None].float(), size=(nh, nw), mode="nearest")[0].to(torch.uint8)
                        if len(m) else m.new_zeros((0, nh, nw)))

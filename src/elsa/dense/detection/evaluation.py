@@ -1,8 +1,8 @@
 """COCO box and mask AP through the official COCO API (pycocotools), so numbers are comparable with papers.
 
 ``CocoEvaluator`` collects detections per image (boxes xyxy in original image coordinates, labels 1..K, scores,
-mask probabilities), converts them to COCO result records (xywh boxes, RLE masks at threshold 0.5, category ids
-mapped back), and runs COCOeval for "bbox" and "segm".
+mask probabilities), converts them to COCO result records (xywh boxes, RLE masks of the pixels >= 0.5 as mmdet's
+``mask_thr_binary``, category ids mapped back), and runs COCOeval for "bbox" and "segm".
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def load_coco(ann_file: str):
 def to_coco_results(image_id: int, pred: Dict[str, Tensor], label_to_cat: Sequence[int],
                     mask_thresh: float = 0.5) -> List[dict]:
     """One image's predictions -> COCO result dicts. pred: boxes (N, 4) xyxy, labels (N,) in 1..K, scores (N,),
-    optional masks (N, 1, H, W) probabilities. label_to_cat[k - 1] is the COCO category id of label k."""
+    optional masks (N, 1, H, W) probabilities (a pixel is in the mask if >= mask_thresh, as mmdet).
+    label_to_cat[k - 1] is the COCO category id of label k."""
     from pycocotools import mask as mask_utils
 
     boxes = pred["boxes"].detach().float().cpu().numpy()
@@ -40,7 +41,7 @@ def to_coco_results(image_id: int, pred: Dict[str, Tensor], label_to_cat: Sequen
     labels = pred["labels"].detach().cpu().numpy()
     rles = None
     if "masks" in pred:
-        m = (pred["masks"].detach()[:, 0] > mask_thresh).cpu().numpy().astype(np.uint8)
+        m = (pred["masks"].detach()[:, 0] >= mask_thresh).cpu().numpy().astype(np.uint8)
         rles = mask_utils.encode(np.asfortranarray(m.transpose(1, 2, 0))) if len(m) else []
     out = []
     for i in range(len(boxes)):

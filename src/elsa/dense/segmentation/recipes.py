@@ -47,7 +47,7 @@ class SegRecipe:
     poly_power: float = 1.0
     min_lr: float = 0.0
     batch_per_gpu: int = 2                   # official: 2 per GPU x 8 GPUs = 16
-    amp: bool = True                         # used on CUDA only
+    amp: bool = False                        # float32 as the official runs (no fp16 in their configs); CUDA only
     # schedule of side tasks (official: checkpoint and mIoU every 16k iterations, log every 50)
     ckpt_interval: int = 16_000
     eval_interval: int = 16_000
