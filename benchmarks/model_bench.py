@@ -7,7 +7,7 @@ reset), warm-up iterations first and torch.cuda.synchronize around the timed one
 
     python benchmarks/model_bench.py                                   # CUDA, batch 128 @ 224, fp32 + bf16
     python benchmarks/model_bench.py --compile --channels-last         # settings are stored with the figures
-    python benchmarks/model_bench.py --device cpu --batch 4 --iters 2 \\
+    python benchmarks/model_bench.py --device cpu --batch 8 --iters 7 \\
         --models elsa_swin_tiny elsa_volo_d1_224                       # the committed CPU result
 
 Prints a Markdown table and writes JSON (device name, torch/timm/triton versions, date, settings, every figure)
@@ -19,6 +19,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import torch
 
 from elsa import benchmarking as bench
 from elsa.io import atomic_write
@@ -40,6 +42,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile each model (default: eager)")
     parser.add_argument("--warmup", type=int, default=None, help="default: 5 CUDA, 1 CPU")
     parser.add_argument("--iters", type=int, default=None, help="default: 20 CUDA, 3 CPU")
+    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                        help="measure each ELSA model and its baseline turn about, from median step times "
+                             "(default: on for CPU, whose load drifts; off for CUDA)")
     parser.add_argument("--json", default=None, help="default: benchmarks/results/model_bench_<device>.json")
     args = parser.parse_args(argv)
 
@@ -57,7 +62,9 @@ def main(argv=None) -> int:
         print(f"  {r.model:32s} {r.mode:5s} {r.settings['precision']}: {r.images_per_s:8.1f} images/s",
               file=sys.stderr, flush=True)
 
-    results = bench.run(models, settings, modes=args.modes, on_result=progress)
+    interleave = not cuda if args.interleave is None else args.interleave
+    runner = bench.run_interleaved if interleave else bench.run
+    results = runner(models, settings, modes=args.modes, on_result=progress)
     env = bench.environment(device)
     print(f"{env['device_name']} | torch {env['torch']} | timm {env['timm']} | triton {env['triton']} | {env['date']}")
     print(f"batch {args.batch}, input {args.img_size or 'model default (224)'}, channels_last={args.channels_last}, "
@@ -65,6 +72,7 @@ def main(argv=None) -> int:
     print(bench.format_table(results))
     out = Path(args.json) if args.json else Path(__file__).parent / "results" / f"model_bench_{bench.device_slug(device)}.json"
     doc = bench.to_json(results, device, dict(models=models, modes=args.modes, precisions=precisions,
+                                              interleaved=interleave, threads=torch.get_num_threads(),
                                               argv=sys.argv[1:] if argv is None else list(argv)))
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1)))
     print(f"wrote {out}")

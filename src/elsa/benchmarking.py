@@ -13,6 +13,7 @@ import datetime
 import logging
 import platform
 import re
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
@@ -134,15 +135,11 @@ def create_model(name: str, settings: BenchSettings) -> nn.Module:
     return model
 
 
-def measure(name: str, mode: str, settings: BenchSettings, model: Optional[nn.Module] = None) -> BenchResult:
-    """Images/s of ``name`` in ``mode`` ('infer' or 'train') under ``settings``.
-
-    'train' is one optimisation step per iteration: forward, cross-entropy on random labels, backward, AdamW.
-    Warm-up iterations (compilation, autotuning, allocator) are run first and not timed.
-    """
+def _prepare(name: str, mode: str, settings: BenchSettings, model: nn.Module) -> tuple[Callable[[], None], dict]:
+    """One timed step of ``model`` in ``mode`` ('infer': forward without grad; 'train': forward, cross-entropy on
+    random labels, backward, AdamW), and what the result records about the input."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    model = model if model is not None else create_model(name, settings)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     size = settings.img_size or cfg.get("input_size", (3, 224, 224))[-1]
     in_chans = cfg.get("input_size", (3,))[0]
@@ -151,7 +148,6 @@ def measure(name: str, mode: str, settings: BenchSettings, model: Optional[nn.Mo
     if settings.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, num_classes, (settings.batch,), device=settings.device)
-    params = sum(p.numel() for p in model.parameters()) / 1e6
     run_model = torch.compile(model) if settings.compile else model
 
     if mode == "infer":
@@ -171,6 +167,18 @@ def measure(name: str, mode: str, settings: BenchSettings, model: Optional[nn.Mo
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+    info = dict(input_size=[in_chans, size, size], params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 3))
+    return step, info
+
+
+def measure(name: str, mode: str, settings: BenchSettings, model: Optional[nn.Module] = None) -> BenchResult:
+    """Images/s of ``name`` in ``mode`` ('infer' or 'train') under ``settings``.
+
+    'train' is one optimisation step per iteration: forward, cross-entropy on random labels, backward, AdamW.
+    Warm-up iterations (compilation, autotuning, allocator) are run first and not timed.
+    """
+    model = model if model is not None else create_model(name, settings)
+    step, info = _prepare(name, mode, settings, model)
     cuda = settings.device.startswith("cuda")
     for _ in range(settings.warmup):
         step()
@@ -183,9 +191,38 @@ def measure(name: str, mode: str, settings: BenchSettings, model: Optional[nn.Mo
     _sync(settings.device)
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(torch.device(settings.device)) / 2 ** 20 if cuda else None
-    return BenchResult(model=name, mode=mode, settings=asdict(settings), input_size=[in_chans, size, size],
-                       params_m=round(params, 3), images_per_s=settings.batch * settings.iters / elapsed,
-                       ms_per_iter=1000 * elapsed / settings.iters, peak_mem_mb=peak, baseline=PAIRS.get(name))
+    return BenchResult(model=name, mode=mode, settings=asdict(settings), images_per_s=settings.batch * settings.iters /
+                       elapsed, ms_per_iter=1000 * elapsed / settings.iters, peak_mem_mb=peak,
+                       baseline=PAIRS.get(name), **info)
+
+
+def measure_interleaved(names: Sequence[str], mode: str, settings: BenchSettings,
+                        models: Sequence[nn.Module]) -> List[BenchResult]:
+    """Images/s of several models measured turn about, one step each per round, from the median step time.
+
+    Why: on a shared CPU the load drifts over a run; models timed one after the other see different machines,
+    while alternating steps (and taking medians) puts each ratio on the same machine state.
+    """
+    steps = [_prepare(n, mode, settings, m) for n, m in zip(names, models)]
+    for _ in range(settings.warmup):
+        for step, _ in steps:
+            step()
+    times: List[List[float]] = [[] for _ in steps]
+    for _ in range(settings.iters):
+        for (step, _), record in zip(steps, times):
+            _sync(settings.device)
+            start = time.perf_counter()
+            step()
+            _sync(settings.device)
+            record.append(time.perf_counter() - start)
+    results = []
+    for name, (_, info), record in zip(names, steps, times):
+        median = statistics.median(record)
+        results.append(BenchResult(model=name, mode=mode, settings=asdict(settings),
+                                   images_per_s=settings.batch / median, ms_per_iter=1000 * median, peak_mem_mb=None,
+                                   baseline=PAIRS.get(name), extra=dict(step_ms=[round(1000 * t, 1) for t in record]),
+                                   **info))
+    return results
 
 
 def expand_models(models: Iterable[str], with_baselines: bool = True) -> List[str]:
@@ -232,6 +269,29 @@ def run(models: Sequence[str], settings_list: Sequence[BenchSettings], modes: Se
             del model
             if settings.device.startswith("cuda"):
                 torch.cuda.empty_cache()
+    return results
+
+
+def run_interleaved(models: Sequence[str], settings_list: Sequence[BenchSettings], modes: Sequence[str] = MODES,
+                    on_result: Optional[Callable[[BenchResult], None]] = None) -> List[BenchResult]:
+    """As ``run``, but each ELSA model and its baseline (``PAIRS``) are built together and measured turn about
+    (``measure_interleaved``); models without a pair are measured alone."""
+    groups: List[List[str]] = []
+    for name in models:
+        if any(name in g for g in groups):
+            continue
+        partner = PAIRS.get(name) or next((e for e, b in PAIRS.items() if b == name and e in models), None)
+        groups.append([name, partner] if partner in models else [name])
+    results = []
+    for settings in settings_list:
+        for group in groups:
+            built = [create_model(n, settings) for n in group]
+            for mode in modes:
+                for result in measure_interleaved(group, mode, settings, built):
+                    results.append(result)
+                    if on_result is not None:
+                        on_result(result)
+            del built
     return results
 
 

@@ -107,3 +107,46 @@ def test_autocast_keeps_one_dtype_for_the_operator():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = block(x)
     torch.testing.assert_close(low.float(), block(x), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "native"])
+@pytest.mark.parametrize("lam,gamma,stride", [(1, 1, 1), (0, 1, 2), (1, 0, 1)])
+def test_layer_backends_agree_with_reference_forward_and_backward(backend, lam, gamma, stride):
+    torch.manual_seed(2)
+    layer = ELSA(24, num_heads=3, kernel_size=5, stride=stride, lam=lam, gamma=gamma, group_width=4,
+                 qkv_bias=True).eval()
+    x = torch.randn(2, 9, 11, 24, dtype=torch.float64)
+    layer = layer.double()
+    results = {}
+    for name in ("reference", backend):
+        layer.backend = name
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        grads = torch.autograd.grad(out, [xi, *layer.parameters()], torch.ones_like(out))
+        results[name] = (out, *grads)
+    for got, expected in zip(results[backend], results["reference"]):
+        torch.testing.assert_close(got, expected)
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_layer_forward_makes_no_layout_copies():
+    """The projection's output goes to the operator and the operator's output to the next projection as they
+    are: no clone, contiguous copy or reshape copy anywhere in the layer (there were four per call)."""
+    layer = ELSA(96, num_heads=3, kernel_size=7, lam=0, qkv_bias=True, qk_scale=1.0).eval()
+    x = torch.randn(2, 14, 13, 96)
+    with torch.no_grad(), _CountOps() as mode:
+        layer(x)
+    assert "elsa.cpp_aggregate" in mode.ops
+    copies = [op for op in mode.ops if op.split(".")[-1] in ("clone", "copy_", "contiguous", "_to_copy", "expand")]
+    assert copies == []
+    assert "aten.mul" in mode.ops  # q * k, and no multiplication by the scale of 1
+    assert mode.ops.count("aten.mul") == 1
