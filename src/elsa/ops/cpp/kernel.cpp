@@ -451,7 +451,7 @@ void run_c(const Geo& g, const void* const* ptr, int pass, int nthreads) {
 template <typename T>
 void run(const int64_t* params, const void* const* ptr, int pass, int nthreads) {
     const Geo g = read_geo(params);
-    if (g.C == 32) run_c<T, 32>(g, ptr, pass, nthreads);
+    if (kFast<T, 32> && g.C == 32) run_c<T, kFast<T, 32> ? 32 : 0>(g, ptr, pass, nthreads);
     else run_c<T, 0>(g, ptr, pass, nthreads);
 }
 
