@@ -62,7 +62,7 @@ def test_readme_flags_run_and_run_folder_layout(tmp_path):
 
     model = timm.create_model("elsa_swin_pico", num_classes=2)
     load_checkpoint(model, run / "model.safetensors")
-    torch.testing.assert_close(model.state_dict()["head.weight"], ckpt["state_dict"]["head.weight"])
+    torch.testing.assert_close(model.state_dict()["head.weight"], ckpt["model"]["head.weight"])
     load_checkpoint(model, run / "best.pth", use_ema=True)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from elsa.models._checkpoint import CheckpointError
+from elsa.checkpoint import CheckpointError
 from train_helpers import elsa_subprocess, read_jsonl, run_train
 
 TINY = ["digits", "--train-subset", "64", "--val-subset", "40", "-b", "16", "--warmup-epochs", "0", "-j", "0",
@@ -45,7 +45,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
 
     assert run_train(["--resume", str(run_dir / "last.pth"), "--no-progress"]) == 0  # options from the checkpoint
     final = _load_all_checkpoints(run_dir)
-    assert final["last.pth"]["epoch"] == 5 and final["last.pth"]["global_step"] == 5 * 4
+    assert final["last.pth"]["epoch"] == 5 and final["last.pth"]["iteration"] == 5 * 4
     assert final["best.pth"]["epoch"] == final["last.pth"]["best_epoch"]
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
@@ -67,8 +67,8 @@ def test_resume_continues_exactly(tmp_path):
     assert run_train(["--resume", str(tmp_path / "split" / "last.pth")]) == 0
     a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
     b = torch.load(tmp_path / "split" / "last.pth", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2 and a["global_step"] == b["global_step"]
-    for key in ("state_dict", "state_dict_ema"):
+    assert a["epoch"] == b["epoch"] == 2 and a["iteration"] == b["iteration"]
+    for key in ("model", "model_ema"):
         for name in a[key]:
             torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=0, msg=f"{key}.{name}")
     assert read_jsonl(tmp_path / "straight" / "metrics.jsonl")[1]["train_loss"] == pytest.approx(
@@ -83,7 +83,7 @@ def test_resume_rejects_a_weights_only_file(tmp_path, caplog):
     half = tmp_path / "half.pth"
     half.write_bytes(b"PK\x03\x04 truncated")
     assert run_train([*TINY, "--epochs", "1", "--resume", str(half)]) == 2
-    assert "not a readable checkpoint" in caplog.text
+    assert "not a readable PyTorch checkpoint" in caplog.text
     assert issubclass(CheckpointError, RuntimeError)
 
 

@@ -146,7 +146,7 @@ def options_from_args(args: argparse.Namespace) -> Dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from ..data import DatasetError
-    from ..models._checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError
     from ..train import build_config, train
 
     try:
