@@ -40,8 +40,13 @@ TRAIN_CHECKPOINT_VERSION = 2
 _LEGACY_TRAIN_KEYS = {"state_dict": "model", "state_dict_ema": "model_ema", "global_step": "iteration"}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file cannot be read or does not fit the model."""
+class CheckpointError(RuntimeError, ValueError):
+    """A checkpoint file cannot be read or does not fit the model: bad input (a ValueError, reported by the CLI as
+    a user error), and a RuntimeError as it has always been."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint file does not exist (also a FileNotFoundError, so callers may catch either)."""
 
 
 @dataclass
@@ -57,7 +62,7 @@ def read_checkpoint(path: PathLike, what: str = "checkpoint file") -> Any:
     argument in errors (e.g. ``"--resume file"``)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{what} {str(path)!r} does not exist")
+        raise CheckpointNotFoundError(f"{what} {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -93,39 +93,34 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace):
-    import torch
-
+    """(model, recipe, meta) from ``--checkpoint``, read once."""
+    from elsa.checkpoint import read_checkpoint
     from elsa.dense.detection import build_detector
-    from elsa.dense.detection.engine import load_model_checkpoint
+    from elsa.dense.detection.engine import load_model_checkpoint, read_detector_checkpoint
 
-    if not Path(args.checkpoint).is_file():
-        raise SystemExit(f"--checkpoint {args.checkpoint}: file not found")
-    from elsa.dense.detection.engine import read_detector_checkpoint
-
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    state = read_checkpoint(args.checkpoint, "--checkpoint file")
     recipe = _recipe(args, state.get("recipe") if isinstance(state, dict) else None)
-    _, meta = read_detector_checkpoint(args.checkpoint)
+    _, meta = read_detector_checkpoint(args.checkpoint, state)
     if meta.get("classes") and args.num_classes is None:
         recipe = recipe.replace(num_classes=len(meta["classes"]))
     model = build_detector(recipe)
-    load_model_checkpoint(model, args.checkpoint)
+    load_model_checkpoint(model, args.checkpoint, state)
     return model, recipe, meta
 
 
 def cmd_test(args: argparse.Namespace) -> int:
     from elsa.dense.detection.data import CocoInstances, coco_paths
     from elsa.dense.detection.engine import evaluate
-    from elsa.distributed import init_distributed
+    from elsa.engine import init_runtime
     from elsa.io import atomic_write_text
 
-    info = init_distributed(args.device)  # an explicit --device wins over the rank's default
-    rank, device = info.rank, info.device
+    runtime = init_runtime(args.device)  # an explicit --device wins over the rank's default
     model, recipe, _ = _load_model(args)
-    model.to(device)
+    model.to(runtime.device)
     ann, img = coco_paths(args.data, args.split) if not (args.ann and args.images) else (args.ann, args.images)
     dataset = CocoInstances(args.ann or ann, args.images or img, train=False)
-    metrics = evaluate(model, dataset, recipe, device=device, progress=not args.no_progress)
-    if rank == 0:
+    metrics = evaluate(model, dataset, recipe, progress=not args.no_progress, runtime=runtime)
+    if runtime.is_main:
         _print_metrics(metrics)
         out = Path(args.out or Path(args.checkpoint).with_suffix(".metrics.json"))
         atomic_write_text(out, json.dumps(metrics, indent=2))
@@ -139,7 +134,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-    from elsa.distributed import resolve_device
+    from elsa.engine import resolve_device
     from elsa.io import atomic_write, atomic_write_text
 
     if not Path(args.image).is_file():

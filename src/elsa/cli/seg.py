@@ -144,23 +144,23 @@ def run_train(args: argparse.Namespace) -> int:
 def run_test(args: argparse.Namespace) -> int:
     from ..dense.segmentation import engine
     from ..dense.segmentation.data import ADE20KDataset
-    from ..distributed import init_distributed
-    from ..models import CheckpointError
+    from ..checkpoint import CheckpointError
+    from ..engine import init_runtime
 
     try:
         recipe, overridden = _recipe(args)
         model, recipe = engine.load_segmentor(args.checkpoint, recipe)
         if overridden:  # test-time settings may still be changed (e.g. --ms-ratios); architecture comes from the file
             recipe, _ = _recipe_over(recipe, args)
-        info = init_distributed(args.device)  # an explicit --device wins over the rank's default
-        device = info.device
-        model.to(device)
+        runtime = init_runtime(args.device)  # an explicit --device wins over the rank's default
+        model.to(runtime.device)
         dataset = ADE20KDataset(args.data, "validation")
-        result = engine.evaluate(model, dataset, recipe, mode=args.mode, device=device, info=info, progress=True)
+        result = engine.evaluate(model, dataset, recipe, mode=args.mode, device=runtime.device, runtime=runtime,
+                                 progress=True)
     except (ValueError, FileNotFoundError, CheckpointError) as err:
         print(f"elsa seg test: error: {err}", file=sys.stderr)
         return 2
-    if info.is_main:
+    if runtime.is_main:
         print(engine.format_table(result))
         out = Path(args.json) if args.json else Path(args.checkpoint).with_suffix(f".{args.mode}.json")
         result.update(checkpoint=str(args.checkpoint), recipe=recipe.name)
@@ -186,10 +186,11 @@ def _recipe_over(recipe, args):
 def run_predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    from ..checkpoint import CheckpointError
     from ..dense.segmentation import engine
-    from ..distributed import resolve_device
+    from ..dense.segmentation.visualize import render_overlay
+    from ..engine import resolve_device
     from ..io import atomic_write
-    from ..models import CheckpointError
 
     try:
         if not Path(args.image).is_file():
@@ -203,7 +204,7 @@ def run_predict(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)  # default: cuda:0 when available, else cpu
         model.to(device)
         rgb, pred = engine.predict_image(model, recipe, args.image, mode=args.mode, device=device)
-        overlay = engine.render_overlay(rgb, pred, recipe.num_classes, alpha=args.alpha)
+        overlay = render_overlay(rgb, pred, recipe.num_classes, alpha=args.alpha)
     except (ValueError, FileNotFoundError, OSError, CheckpointError) as err:
         print(f"elsa seg predict: error: {err}", file=sys.stderr)
         return 2

@@ -51,11 +51,14 @@ class Runtime:
 
     def wrap(self, model: nn.Module, sync_bn: bool = False) -> nn.Module:
         """``model`` moved to the device and, under torchrun, in DDP (BatchNorm -> SyncBatchNorm first with
-        ``sync_bn``). Returns ``model`` itself for one process."""
+        ``sync_bn``, on CUDA: PyTorch's SyncBatchNorm has no CPU kernel). Returns ``model`` itself for one
+        process."""
         model.to(self.device)
         if not self.distributed:
             return model
-        if sync_bn:
+        if sync_bn and self.device.type != "cuda":
+            _logger.info("sync-bn: SyncBatchNorm runs on GPUs only; this %s run keeps BatchNorm", self.device.type)
+        elif sync_bn:
             if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
                 _logger.info("BatchNorm layers converted to SyncBatchNorm")

@@ -91,8 +91,8 @@ class TrainState:
         return ckpt
 
     def load_state_dict(self, ckpt: Dict[str, Any], runtime: Runtime) -> bool:
-        """Restore everything ``state_dict`` saved (the model strictly) and the task values of ``extra``.
-        Returns whether the RNG states were restored (only when the number of processes is the same; otherwise
+        """Restore everything ``state_dict`` saved (the model strictly). ``extra`` is left as the caller set it
+        (this invocation's recipe and options; the task reads what it resumes, e.g. a best metric). Returns whether the RNG states were restored (only when the number of processes is the same; otherwise
         the caller reseeds)."""
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -108,9 +108,6 @@ class TrainState:
                 self.ema.set(self.model)
         self.epoch = int(ckpt.get("epoch", 0))
         self.iteration = int(ckpt.get("iteration", 0))
-        for key in self.extra:
-            if key in ckpt:
-                self.extra[key] = ckpt[key]
         rng = ckpt.get("rng") or []
         if len(rng) == runtime.world_size:
             set_rng_state(rng[runtime.rank])

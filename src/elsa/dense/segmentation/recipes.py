@@ -6,7 +6,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Tuple
 
-import torch.nn as nn
 
 from ..backbone import ELSASwinBackbone
 from .heads import FCNHead, UPerHead
@@ -110,14 +109,3 @@ def build_segmentor(recipe: SegRecipe) -> EncoderDecoder:
         aux = FCNHead(chans[recipe.aux_in_index], recipe.num_classes, channels=recipe.aux_channels, num_convs=1,
                       in_index=recipe.aux_in_index, concat_input=False, dropout_ratio=recipe.dropout_ratio)
     return EncoderDecoder(backbone, decode, aux, aux_weight=recipe.aux_weight)
-
-
-def param_groups(model: nn.Module, recipe: SegRecipe) -> list:
-    """AdamW groups: weight decay except for parameters whose name contains one of ``recipe.no_decay_keys``."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if any(k in name for k in recipe.no_decay_keys) else decay).append(p)
-    return [{"params": decay, "weight_decay": recipe.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
