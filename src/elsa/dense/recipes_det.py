@@ -87,6 +87,7 @@ class DetRecipe:
     batch_size: int = 2  # per GPU (samples_per_gpu); the official runs use 8 GPUs -> 16 images per step
     workers: int = 2
     amp: bool = True  # fp16 autocast + loss scaling on CUDA (the official DistOptimizerHook use_fp16=True)
+    amp_dtype: str = "float16"  # "bfloat16": bf16 autocast, also on CPU (no loss scaling needed)
     # quick-run overrides: total iterations instead of epochs (lr steps scaled to the same fractions)
     max_iters: Optional[int] = None
 

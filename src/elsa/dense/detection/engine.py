@@ -66,7 +66,8 @@ def train(model: nn.Module, recipe: DetRecipe, train_set: CocoInstances, output:
     Writes ``output/last.pth`` after every epoch and at the end (atomically; ``resume=True`` continues from it:
     model, optimizer, scheduler, scaler, epoch, iteration, RNG states), ``output/log.jsonl`` and
     ``output/metrics.json`` (the latest evaluation)."""
-    runtime = init_runtime(str(device) if device is not None else None, amp=recipe.amp, amp_on_cpu=False)
+    runtime = init_runtime(str(device) if device is not None else None, amp=recipe.amp,
+                           amp_dtype_name=recipe.amp_dtype, amp_on_cpu=recipe.amp_dtype == "bfloat16")
     output = Path(output)
     if runtime.is_main:
         output.mkdir(parents=True, exist_ok=True)

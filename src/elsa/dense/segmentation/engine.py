@@ -150,10 +150,11 @@ def write_json(path: Path, obj: dict) -> None:
 def train(recipe: SegRecipe, data_root, output: Path, pretrained: Optional[str] = None, resume: bool = False,
           workers: int = 4, seed: int = 0, progress: bool = True, eval_mode: Optional[str] = None,
           device: Optional[str] = None, grad_checkpointing: bool = False) -> Dict[str, object]:
-    """Train ``recipe`` on ADE20K at ``data_root``; checkpoints/logs in ``output``. Returns the last evaluation (or
-    {} when there is none). ``resume`` continues from ``output/latest.pth`` (model, optimizer, scheduler, scaler,
+    """Train ``recipe`` on ADE20K at ``data_root``; checkpoints/logs in ``output``. Returns the last evaluation (if
+    any) with ``skipped_train_samples`` and this process's ``rank``. ``resume`` continues from ``output/latest.pth`` (model, optimizer, scheduler, scaler,
     iteration, RNG states). ``device`` (e.g. "cpu", "cuda") defaults to the rank's GPU, else the CPU."""
-    runtime = init_runtime(device, amp=recipe.amp, amp_on_cpu=False)
+    runtime = init_runtime(device, amp=recipe.amp, amp_dtype_name=recipe.amp_dtype,
+                           amp_on_cpu=recipe.amp_dtype == "bfloat16")
     device = runtime.device
     output = Path(output)
     if runtime.is_main:
@@ -227,6 +228,7 @@ def train(recipe: SegRecipe, data_root, output: Path, pretrained: Optional[str] 
         _logger.warning("skipped %d unreadable training samples", trainer.skipped_total)
     last_eval: Dict[str, object] = dict(evaluation.result or {}) if evaluation is not None else {}
     last_eval["skipped_train_samples"] = trainer.skipped_total + len(train_set.skipped)
+    last_eval["rank"] = runtime.rank
     runtime.barrier()
     return last_eval
 

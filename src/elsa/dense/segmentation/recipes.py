@@ -46,7 +46,8 @@ class SegRecipe:
     poly_power: float = 1.0
     min_lr: float = 0.0
     batch_per_gpu: int = 2                   # official: 2 per GPU x 8 GPUs = 16
-    amp: bool = True                         # used on CUDA only
+    amp: bool = True                         # fp16 autocast + loss scaling on CUDA (official fp16 runs)
+    amp_dtype: str = "float16"               # "bfloat16": bf16 autocast, also on CPU (no loss scaling needed)
     # schedule of side tasks (official: checkpoint and mIoU every 16k iterations, log every 50)
     ckpt_interval: int = 16_000
     eval_interval: int = 16_000
