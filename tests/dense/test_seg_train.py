@@ -130,3 +130,62 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert "batch 2 x 2 processes" in stderr
     ckpt = torch.load(out / "latest.pth", map_location="cpu", weights_only=True)
     assert ckpt["iteration"] == 4
+
+
+def test_sigkill_mid_run_then_resume_finishes(tmp_path):
+    """A run killed with SIGKILL after its first checkpoint leaves whole checkpoints; --resume ends the schedule
+    with the optimizer state carried over, and every periodic snapshot loads."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    make_synthetic_ade(tmp_path / "data", num_train=8, num_val=2, size=(40, 48), seed=4)
+    out = tmp_path / "run"
+    common = [*SMALL, "--data", str(tmp_path / "data"), "--output", str(out), "--iters", "60", "--batch-size", "2",
+              "--workers", "0", "--ckpt-interval", "4", "--eval-interval", "1000", "--log-interval", "4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "elsa.cli.seg", "train", *common], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "latest.pth").exists():
+            assert proc.poll() is None, f"training ended early:\n{proc.stderr.read()[-3000:]}"
+            assert time.time() < deadline, "no checkpoint after 240 s"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed = torch.load(out / "latest.pth", map_location="cpu", weights_only=True)
+    assert 4 <= killed["iteration"] < 60 and killed["iteration"] % 4 == 0
+    assert cli(["train", *common, "--resume"]) == 0
+    final = torch.load(out / "latest.pth", map_location="cpu", weights_only=True)
+    assert final["iteration"] == 60 and final["scheduler"]["last_epoch"] == 60
+    assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {60}
+    snapshots = sorted(out.glob("iter_*.pth"))
+    assert len(snapshots) == 15 and all(
+        torch.load(p, map_location="cpu", weights_only=True)["iteration"] == int(p.stem[5:]) for p in snapshots)
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["iter"] == 60
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_amp_bf16_on_cpu_trains(tmp_path, caplog):
+    """--amp-dtype bfloat16 autocasts on the CPU too (float16 is CUDA's, with the grad scaler)."""
+    import logging
+
+    make_synthetic_ade(tmp_path / "data", num_train=4, num_val=2, size=(40, 48), seed=5)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="elsa.engine"):
+        assert cli(["train", *SMALL, "--data", str(tmp_path / "data"), "--output", str(out), "--iters", "3",
+                    "--batch-size", "2", "--workers", "0", "--eval-interval", "3", "--amp-dtype", "bfloat16"]) == 0
+    assert "autocast bfloat16, grad scaler off" in caplog.text
+    ckpt = torch.load(out / "latest.pth", map_location="cpu", weights_only=True)
+    assert ckpt["iteration"] == 3 and ckpt["recipe"]["amp_dtype"] == "bfloat16"
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    result = json.loads((out / "eval_latest.json").read_text())
+    assert result["iter"] == 3 and 0.0 <= result["aAcc"] <= 1.0

@@ -55,6 +55,8 @@ def recipe_overrides(args: argparse.Namespace, table: FlagTable) -> Dict[str, An
         else:
             field = target
         changes[field] = value
+    if "amp_dtype" in changes:  # naming an autocast dtype asks for mixed precision
+        changes.setdefault("amp", True)
     return changes
 
 

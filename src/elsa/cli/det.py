@@ -194,7 +194,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="comma-separated short sides for training resize")
     p.add_argument("--no-amp", action="store_true", help="float32 training on CUDA (default: fp16 autocast)")
     p.add_argument("--amp-dtype", choices=["float16", "bfloat16"], default=None,
-                   help="autocast dtype (default float16, CUDA only); bfloat16 also autocasts on CPU")
+                   help="turn autocast on with this dtype (default float16, CUDA only; bfloat16 also on CPU)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute backbone blocks to save memory")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=command("det train")(cmd_train))

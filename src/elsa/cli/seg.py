@@ -40,7 +40,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ms-ratios", type=float_list, default=None, help=hidden)
     p.add_argument("--no-amp", action="store_true", help=hidden)
     p.add_argument("--amp-dtype", choices=["float16", "bfloat16"], default=None,
-                   help="autocast dtype (default float16, CUDA only); bfloat16 also autocasts on CPU")
+                   help="turn autocast on with this dtype (default float16, CUDA only; bfloat16 also on CPU)")
 
 
 def add_parser(subparsers) -> None:

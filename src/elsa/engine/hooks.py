@@ -121,6 +121,12 @@ class CheckpointHook(Hook):
                                          self.path.parent / self.snapshot.format(iteration=st.iteration))
         self._saved_at = st.iteration
 
+    def before_train(self, trainer: Trainer) -> None:
+        # a run killed while writing leaves its temporary file (elsa.io.atomic_write names it .NAME.XXXX.tmp)
+        if trainer.runtime.is_main and self.path.parent.is_dir():
+            for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+
     def after_step(self, trainer: Trainer) -> None:
         if self.every_iters and trainer.state.iteration % self.every_iters == 0:
             self.save(trainer, periodic=True)

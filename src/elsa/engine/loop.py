@@ -13,6 +13,7 @@ loop here is ~150 lines and one more dependency would not remove any of them.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ import torch.nn as nn
 
 from .runtime import Runtime, unwrap_model
 from .state import TrainState
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,6 +113,12 @@ class Trainer:
         """Train to the end of the schedule (or ``stop_epoch``); returns self (counters in ``self.state``)."""
         if self.timm_scheduler:
             self.state.scheduler.step(self.state.epoch)
+        if self.runtime.is_main:
+            dtype = self.runtime.amp_dtype
+            _logger.info("training on %s x %d: autocast %s, grad scaler %s; from epoch %d, iteration %d",
+                         self.runtime.device, self.runtime.world_size, str(dtype).replace("torch.", "") if dtype
+                         else "off", "on" if self.state.scaler is not None else "off", self.state.epoch,
+                         self.state.iteration)
         self._call("before_train")
         while not self.done():
             self._set_epoch(self.state.epoch)
