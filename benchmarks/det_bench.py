@@ -3,8 +3,8 @@
 Both detectors are built by ``elsa.dense.detection.build_detector`` from the official 1x recipe (FPN 256, RPN,
 shared-2fc box head, 4-conv mask head, 80 classes), so only the backbone differs. One step = forward with
 losses + backward + AdamW step, run by the engine of ``elsa det train`` (``elsa.engine.Trainer``), on a batch
-of synthetic images (default 2 x 800x1333, the official per-GPU batch and test size) with 8 random objects each (boxes + rectangular masks). fp16 autocast with loss scaling on CUDA
-(the official setting), float32 on CPU.
+of synthetic images (default 2 x 800x1333, the official per-GPU batch and test size) with 8 random objects each
+(boxes + rectangular masks). fp16 autocast with loss scaling on CUDA (the official setting), float32 on CPU.
 
 Measured per backbone: median step time over ``--iters`` steps after ``--warmup`` steps, images/s, and peak
 memory: CUDA max_memory_allocated on GPU; on CPU (each backbone in its own process) the peak RSS and its growth
