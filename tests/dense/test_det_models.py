@@ -13,13 +13,7 @@ from elsa.dense.detection.engine import lr_factor, param_groups, schedule
 from elsa.dense.recipes_det import RECIPES, get_recipe
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine is shared; with several processes each using all cores, one thread is ~10x faster here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch():

@@ -7,20 +7,12 @@ import pytest
 import torch
 
 pytest.importorskip("pycocotools")
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # pycocotools
+              pytest.mark.usefixtures("one_thread")]
 from PIL import Image  # noqa: E402
 
 from elsa.cli import det as det_cli  # noqa: E402
 from elsa.dense.synthetic_coco import make_synthetic_coco  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine is shared; with several processes each using all cores, one thread is ~10x faster here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _run(argv):
@@ -135,36 +127,17 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert set(metrics) == {"bbox", "segm"}
 
 
-def test_sigkill_mid_run_then_resume_finishes(tmp_path):
+def test_sigkill_mid_run_then_resume_finishes(tmp_path, kill_after_checkpoint):
     """A run killed with SIGKILL after its first checkpoint leaves whole checkpoint and log files; --resume ends
     the schedule, with the optimizer state carried over (AdamW step count = total iterations)."""
-    import os
-    import signal
-    import subprocess
     import sys
-    import time
 
     root = tmp_path / "small"
     make_synthetic_coco(root, num_train=6, num_val=2, seed=6)
     out = tmp_path / "run"
     common = ["--recipe", "mask_rcnn_tiny_test", "--data", str(root), "--output", str(out), "--batch-size", "2",
               "--iters", "60", "--no-eval", "--no-progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "elsa.cli.det", "train", *common], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 240
-        while not (out / "last.pth").exists():
-            assert proc.poll() is None, f"training ended early:\n{proc.stderr.read()[-3000:]}"
-            assert time.time() < deadline, "no checkpoint after 240 s"
-            time.sleep(0.1)
-        time.sleep(0.5)  # into the next epoch, or its checkpoint write: either way the files must stay whole
-        assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_after_checkpoint([sys.executable, "-m", "elsa.cli.det", "train", *common], out / "last.pth")
     killed = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
     assert 3 <= killed["iteration"] < 60 and killed["iteration"] % 3 == 0  # saved at epoch ends (3 per epoch)
     assert len(killed["rng"]) == 1

@@ -11,6 +11,8 @@ from PIL import Image
 from elsa.cli import seg as seg_cli
 from elsa.dense.synthetic_ade import NUM_CLASSES, make_synthetic_ade
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = '{"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 4], "group_width": 4, ' \
        '"elsa_kernel": 3, "window_size": 4, "patch_size": 4, "drop_path_rate": 0.0}'
 ITERS = 250
@@ -24,15 +26,6 @@ def cli(argv):
     seg_cli.add_parser(parser.add_subparsers())
     args = parser.parse_args(["seg", *argv])
     return args.func(args)
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    # These tiny tensors run faster on one thread, and much faster when other jobs share the two cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -132,35 +125,16 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert ckpt["iteration"] == 4
 
 
-def test_sigkill_mid_run_then_resume_finishes(tmp_path):
+def test_sigkill_mid_run_then_resume_finishes(tmp_path, kill_after_checkpoint):
     """A run killed with SIGKILL after its first checkpoint leaves whole checkpoints; --resume ends the schedule
     with the optimizer state carried over, and every periodic snapshot loads."""
-    import os
-    import signal
-    import subprocess
     import sys
-    import time
 
     make_synthetic_ade(tmp_path / "data", num_train=8, num_val=2, size=(40, 48), seed=4)
     out = tmp_path / "run"
     common = [*SMALL, "--data", str(tmp_path / "data"), "--output", str(out), "--iters", "60", "--batch-size", "2",
               "--workers", "0", "--ckpt-interval", "4", "--eval-interval", "1000", "--log-interval", "4"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "elsa.cli.seg", "train", *common], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 240
-        while not (out / "latest.pth").exists():
-            assert proc.poll() is None, f"training ended early:\n{proc.stderr.read()[-3000:]}"
-            assert time.time() < deadline, "no checkpoint after 240 s"
-            time.sleep(0.1)
-        time.sleep(0.5)
-        assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_after_checkpoint([sys.executable, "-m", "elsa.cli.seg", "train", *common], out / "latest.pth")
     killed = torch.load(out / "latest.pth", map_location="cpu", weights_only=True)
     assert 4 <= killed["iteration"] < 60 and killed["iteration"] % 4 == 0
     assert cli(["train", *common, "--resume"]) == 0

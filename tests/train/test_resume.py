@@ -2,15 +2,14 @@
 run continues exactly as an uninterrupted one (model, optimizer, schedule, EMA, step and RNG restored)."""
 from __future__ import annotations
 
-import signal
-import time
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from elsa.checkpoint import CheckpointError
-from train_helpers import elsa_subprocess, read_jsonl, run_train
+from train_helpers import ENTRY, read_jsonl, run_train
 
 TINY = ["digits", "--train-subset", "64", "--val-subset", "40", "-b", "16", "--warmup-epochs", "0", "-j", "0",
         "--no-progress"]
@@ -24,22 +23,10 @@ def _load_all_checkpoints(run_dir: Path) -> dict:
     return loaded
 
 
-def test_sigkill_mid_epoch_then_resume(tmp_path):
+def test_sigkill_mid_epoch_then_resume(tmp_path, kill_after_checkpoint):
     out, run_dir = tmp_path / "runs", tmp_path / "runs" / "r"
-    proc = elsa_subprocess(["train", *TINY, "--epochs", "5", "--output", str(out), "--experiment", "r"])
-    try:
-        deadline = time.time() + 240
-        while not (run_dir / "last.pth").exists():
-            assert proc.poll() is None, f"training ended early:\n{proc.stdout.read()}"
-            assert time.time() < deadline, "no checkpoint after 240 s"
-            time.sleep(0.2)
-        time.sleep(0.3)  # into the next epoch (or its checkpoint write: either way the files must stay whole)
-        assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_after_checkpoint([sys.executable, *ENTRY, "train", *TINY, "--epochs", "5", "--output", str(out),
+                           "--experiment", "r"], run_dir / "last.pth", after_s=0.3)
     killed = _load_all_checkpoints(run_dir)
     assert "last.pth" in killed and 1 <= killed["last.pth"]["epoch"] < 5
 
