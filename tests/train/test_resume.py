@@ -62,15 +62,16 @@ def test_resume_continues_exactly(tmp_path):
         read_jsonl(tmp_path / "split" / "metrics.jsonl")[1]["train_loss"], rel=1e-6)
 
 
-def test_resume_rejects_a_weights_only_file(tmp_path, caplog):
+def test_resume_rejects_a_weights_only_file(tmp_path, capsys):
     f = tmp_path / "w.pth"
     torch.save({"head.weight": torch.zeros(1)}, f)
     assert run_train([*TINY, "--epochs", "1", "--resume", str(f)]) == 2
-    assert "not an `elsa train` checkpoint" in caplog.text
+    err = capsys.readouterr().err
+    assert "elsa train: error: --resume file" in err and "not an `elsa train` checkpoint" in err
     half = tmp_path / "half.pth"
     half.write_bytes(b"PK\x03\x04 truncated")
     assert run_train([*TINY, "--epochs", "1", "--resume", str(half)]) == 2
-    assert "not a readable PyTorch checkpoint" in caplog.text
+    assert "not a readable PyTorch checkpoint" in capsys.readouterr().err
     assert issubclass(CheckpointError, RuntimeError)
 
 
