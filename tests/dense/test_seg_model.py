@@ -5,7 +5,8 @@ import torch.nn as nn
 
 from elsa.dense.segmentation.engine import build_optimizer, poly_warmup_factor
 from elsa.dense.segmentation.heads import FCNHead, UPerHead
-from elsa.dense.segmentation.recipes import RECIPES, build_segmentor, get_recipe
+from elsa.dense.segmentation.recipes import RECIPES, get_recipe
+from elsa.dense.segmentation.segmentor import build_segmentor
 from elsa.engine.optim import param_groups
 from elsa.dense.segmentation.segmentor import (predict_probs, rescale_size, seg_cross_entropy, slide_inference,
                                                whole_inference)

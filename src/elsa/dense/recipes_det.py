@@ -7,16 +7,17 @@ config, and one recipe differs from another in a handful of fields (backbone, dr
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
+
+from ..engine.recipe import Recipe
 
 # mmdetection's Resize img_scale list of the official train pipeline: short side 480..800 step 32, long side <= 1333.
 MULTI_SCALES: Tuple[int, ...] = tuple(range(480, 801, 32))
 
 
-@dataclass
-class DetRecipe:
+@dataclass(frozen=True)
+class DetRecipe(Recipe):
     """Everything ``elsa det`` needs to build, train and test one detector."""
 
     name: str = "custom"
@@ -90,30 +91,6 @@ class DetRecipe:
     amp_dtype: str = "float16"  # "bfloat16": bf16 autocast, also on CPU (no loss scaling needed)
     # quick-run overrides: total iterations instead of epochs (lr steps scaled to the same fractions)
     max_iters: Optional[int] = None
-
-    def replace(self, **changes: Any) -> "DetRecipe":
-        """A copy with some fields changed; unknown names raise (typos must not pass silently)."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - names)
-        if unknown:
-            raise ValueError(f"unknown DetRecipe field(s) {unknown}; expected some of {sorted(names)}")
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "DetRecipe":
-        """Inverse of ``to_dict`` (lists from JSON/YAML become tuples again)."""
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        out = {}
-        for k, v in d.items():
-            if k not in names:
-                raise ValueError(f"unknown DetRecipe field {k!r}")
-            if isinstance(v, list):
-                v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
-            out[k] = v
-        return cls(**out)
 
 
 def _official(arch: str, size: str, schedule: str) -> DetRecipe:

@@ -19,7 +19,6 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import yaml
 
 from ..checkpoint import load_training_checkpoint
@@ -30,6 +29,7 @@ from ..engine import (CheckpointHook, Hook, ProgressHook, Runtime, StepOutput, T
                       init_runtime, seed_everything)
 from ..io import atomic_write_text, save_safetensors
 from .config import TrainConfig, validate_config
+from .evaluation import score
 from .metrics import MetricsLog, require_tensorboard
 from .token_label import ForwardTrain, TokenLabelLoss, check_token_label_model
 
@@ -372,26 +372,17 @@ class _EpochEnd(Hook):
         self.last = row
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader, runtime: Runtime) -> Dict[str, float]:
-    """Loss, top-1 and top-5 (percent) over this rank's shard, summed over all ranks."""
-    from timm.utils import accuracy
+    """Loss, top-1 and top-5 (percent) over this rank's shard, summed over all ranks; unreadable images counted."""
+    skipped = 0
 
-    device = runtime.device
-    model.eval()
-    loss_sum, top1, top5, n, skipped = 0.0, 0.0, 0.0, 0, 0
-    for images, targets, n_skipped in loader:
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with runtime.autocast():
-            output = model(images)
-        output = output.float()
-        loss_sum += F.cross_entropy(output, targets, reduction="sum").item()
-        acc1, acc5 = accuracy(output, targets, topk=(1, min(5, output.shape[1])))
-        top1 += acc1.item() * targets.shape[0] / 100.0
-        top5 += acc5.item() * targets.shape[0] / 100.0
-        n += targets.shape[0]
-        skipped += n_skipped
-    loss_sum, top1, top5, n, skipped = runtime.all_reduce_sum([loss_sum, top1, top5, n, skipped])
+    def batches():
+        nonlocal skipped
+        for images, targets, n_skipped in loader:
+            skipped += n_skipped
+            yield images, targets
+
+    c = score(model, batches(), runtime.device, runtime.autocast)
+    loss_sum, top1, top5, n, skipped = runtime.all_reduce_sum([c.loss_sum, c.correct1, c.correctk, c.count, skipped])
     n = max(n, 1)
     return {"loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "skipped": skipped}

@@ -24,8 +24,8 @@ from ...io import atomic_write_text
 from .ade20k_meta import ADE20K_CLASSES
 from .data import ADE20KDataset, TrainTransform, collate_skip, worker_init
 from .metrics import SegEvaluator
-from .recipes import SegRecipe, build_segmentor
-from .segmentor import EncoderDecoder, inference_settings, predict_probs
+from .recipes import SegRecipe
+from .segmentor import EncoderDecoder, build_segmentor, inference_settings, predict_probs
 
 _logger = logging.getLogger(__name__)
 
