@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:Deprec
 from PIL import Image  # noqa: E402
 
 from elsa.cli import det as det_cli  # noqa: E402
-from elsa.dense.synthetic_coco import make_synthetic_coco  # noqa: E402
+from synthetic_coco import make_synthetic_coco, tiny_recipe_file  # noqa: E402
 
 
 def _run(argv):
@@ -39,7 +39,7 @@ def test_train_learns_then_test_and_predict(shapes, tmp_path, capsys):
     # A detection counts only with the right class and IoU >= 0.5 on a 10-40 px shape, so AP50 >= 0.4 means the
     # RPN, the box head and the classifier all learnt the shapes; the bar sits below the worst run seen so that
     # float noise across machines cannot flip it.
-    rc = _run(["train", "--recipe", "mask_rcnn_tiny_test", "--data", str(shapes), "--output", str(out),
+    rc = _run(["train", "--recipe", tiny_recipe_file(tmp_path), "--data", str(shapes), "--output", str(out),
                "--iters", "200", "--batch-size", "2", "--no-progress"])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -77,7 +77,7 @@ def test_resume_continues_from_checkpoint(tmp_path):
     root = tmp_path / "small"
     make_synthetic_coco(root, num_train=6, num_val=2, seed=3)
     out = tmp_path / "run"
-    common = ["--recipe", "mask_rcnn_tiny_test", "--data", str(root), "--output", str(out), "--batch-size", "2",
+    common = ["--recipe", tiny_recipe_file(tmp_path), "--data", str(root), "--output", str(out), "--batch-size", "2",
               "--no-eval", "--no-progress"]
     assert _run(["train", *common, "--iters", "4"]) == 0
     first = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
@@ -93,7 +93,7 @@ def test_resume_continues_from_checkpoint(tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     root = tmp_path / "small"
     make_synthetic_coco(root, num_train=2, num_val=1, seed=4)
-    rc = _run(["train", "--recipe", "mask_rcnn_tiny_test", "--data", str(root), "--output", str(tmp_path / "x"),
+    rc = _run(["train", "--recipe", tiny_recipe_file(tmp_path), "--data", str(root), "--output", str(tmp_path / "x"),
                "--iters", "1", "--resume", "--no-eval", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "elsa det train: error: --resume: no checkpoint" in err and "Traceback" not in err
@@ -116,8 +116,8 @@ def test_ddp_two_processes_gloo(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "elsa.cli.det", "train",
-           "--recipe", "cascade_mask_rcnn_tiny_test", "--data", str(root), "--output", str(out), "--iters", "2",
-           "--batch-size", "1", "--no-progress"]
+           "--recipe", tiny_recipe_file(tmp_path, "cascade_mask_rcnn_tiny_test"), "--data", str(root),
+           "--output", str(out), "--iters", "2", "--batch-size", "1", "--no-progress"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("| bbox |") == 1  # printed by rank 0 only
@@ -135,7 +135,7 @@ def test_sigkill_mid_run_then_resume_finishes(tmp_path, kill_after_checkpoint):
     root = tmp_path / "small"
     make_synthetic_coco(root, num_train=6, num_val=2, seed=6)
     out = tmp_path / "run"
-    common = ["--recipe", "mask_rcnn_tiny_test", "--data", str(root), "--output", str(out), "--batch-size", "2",
+    common = ["--recipe", tiny_recipe_file(tmp_path), "--data", str(root), "--output", str(out), "--batch-size", "2",
               "--iters", "60", "--no-eval", "--no-progress"]
     kill_after_checkpoint([sys.executable, "-m", "elsa.cli.det", "train", *common], out / "last.pth")
     killed = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
@@ -158,7 +158,7 @@ def test_amp_bf16_on_cpu_trains(tmp_path, caplog):
     make_synthetic_coco(root, num_train=4, num_val=2, seed=7)
     out = tmp_path / "amp"
     with caplog.at_level(logging.INFO, logger="elsa.engine"):
-        assert _run(["train", "--recipe", "mask_rcnn_tiny_test", "--data", str(root), "--output", str(out),
+        assert _run(["train", "--recipe", tiny_recipe_file(tmp_path), "--data", str(root), "--output", str(out),
                      "--batch-size", "2", "--iters", "4", "--amp-dtype", "bfloat16", "--no-eval",
                      "--no-progress"]) == 0
     assert "autocast bfloat16, grad scaler off" in caplog.text

@@ -10,7 +10,7 @@ from elsa.dense.segmentation.data import (ADE20KDataset, TrainTransform, collate
                                           photometric_distortion, random_crop_box, resolve_ade_root, rgb_to_hsv_cv)
 from elsa.dense.segmentation.engine import evaluate
 from elsa.dense.segmentation.recipes import get_recipe
-from elsa.dense.synthetic_ade import make_synthetic_ade
+from synthetic_ade import make_synthetic_ade
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from elsa.cli import seg as seg_cli
-from elsa.dense.synthetic_ade import NUM_CLASSES, make_synthetic_ade
+from synthetic_ade import NUM_CLASSES, make_synthetic_ade
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
