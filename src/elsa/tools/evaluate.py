@@ -77,16 +77,14 @@ def resolve_split(data: PathLike, split: Optional[str] = None) -> Path:
 
 
 def image_folder_dataset(root: PathLike, transform: Callable) -> Dataset:
-    """timm's ImageDataset over ``root`` (class folders sorted by name -> label index, as ImageNet's synsets)."""
-    from timm.data import ImageDataset
+    """The image folder at ``root`` read by the dataset class ``elsa train`` reads its folders with
+    (``elsa.data.ImageFolderDataset``: class folders in timm's natural order -> label index, as ImageNet's synsets)."""
+    from ..data import DatasetError, ImageFolderDataset
 
     try:
-        dataset = ImageDataset(str(root), transform=transform)
-    except Exception as err:  # timm raises RuntimeError/AssertionError for empty or odd folders
-        raise ToolError(f"DATA: cannot read {str(root)!r} as an image folder: {err}") from err
-    if len(dataset) == 0:
-        raise ToolError(f"DATA: {str(root)!r} holds no images")
-    return dataset
+        return ImageFolderDataset(root, transform=transform)
+    except DatasetError as err:
+        raise ToolError(f"DATA: {err}") from err
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int, device: Union[str, torch.device]) -> DataLoader:
