@@ -112,20 +112,24 @@ class CheckpointHook(Hook):
         st = trainer.state
         rng = trainer.runtime.all_gather_object(get_rng_state())  # a collective: every rank
         if trainer.runtime.is_main:
-            ckpt = st.state_dict(rng=rng)
-            save_training_checkpoint(ckpt, self.path)
-            if self.best_path is not None and self.is_best is not None and self.is_best(trainer):
-                save_training_checkpoint(ckpt, self.best_path)
+            # the snapshot and best copy first: once the resumable file says N, the files of N exist too
             if periodic and self.snapshot:
                 save_training_checkpoint(st.state_dict(weights_only=True),
                                          self.path.parent / self.snapshot.format(iteration=st.iteration))
+            ckpt = st.state_dict(rng=rng)
+            if self.best_path is not None and self.is_best is not None and self.is_best(trainer):
+                save_training_checkpoint(ckpt, self.best_path)
+            save_training_checkpoint(ckpt, self.path)
         self._saved_at = st.iteration
 
     def before_train(self, trainer: Trainer) -> None:
         # a run killed while writing leaves its temporary file (elsa.io.atomic_write names it .NAME.XXXX.tmp)
         if trainer.runtime.is_main and self.path.parent.is_dir():
-            for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
-                stale.unlink(missing_ok=True)
+            names = [self.path.name] + ([self.snapshot.format(iteration="*")] if self.snapshot else []) + (
+                [Path(self.best_path).name] if self.best_path is not None else [])
+            for name in names:
+                for stale in self.path.parent.glob(f".{name}.*.tmp"):
+                    stale.unlink(missing_ok=True)
 
     def after_step(self, trainer: Trainer) -> None:
         if self.every_iters and trainer.state.iteration % self.every_iters == 0:

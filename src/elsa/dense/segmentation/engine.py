@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from ...checkpoint import CheckpointError, fit_state_dict, load_training_checkpoint, read_checkpoint, unwrap_state_dict
 from ...engine import (CheckpointHook, EvalHook, JsonlLogHook, ProgressHook, Runtime, StepOutput, Trainer, TrainState,
                        init_runtime, unwrap_model)
+from ...data.folder import SAMPLE_ERRORS, SkipUnreadable
 from ...engine.optim import linear_warmup, param_groups
 from ...io import atomic_write_text
 from .ade20k_meta import ADE20K_CLASSES
@@ -102,8 +103,10 @@ def evaluate(model: nn.Module, dataset: ADE20KDataset, recipe: SegRecipe, mode: 
         iterator = tqdm(indices, desc=f"eval ({mode})", unit="img", dynamic_ncols=True)
     t0 = time.time()
     for i in iterator:
-        item = dataset[i]
-        if item is None:
+        try:
+            item = dataset[i]
+        except SAMPLE_ERRORS as exc:  # PIL raises these on truncated/corrupt files
+            _logger.warning("skipping unreadable sample %s: %s", dataset.filename(i), exc)
             skipped += 1
             continue
         img = item["img"][None].to(device)
@@ -191,7 +194,7 @@ def train(recipe: SegRecipe, data_root, output: Path, pretrained: Optional[str] 
     # continues the same sequence of epochs
     sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=runtime.world_size, rank=runtime.rank,
                                                   shuffle=True, seed=seed)
-    loader = DataLoader(train_set, batch_size=recipe.batch_per_gpu, sampler=sampler, num_workers=workers,
+    loader = DataLoader(SkipUnreadable(train_set), batch_size=recipe.batch_per_gpu, sampler=sampler, num_workers=workers,
                         collate_fn=collate_skip, drop_last=len(train_set) >= recipe.batch_per_gpu * runtime.world_size,
                         pin_memory=device.type == "cuda", worker_init_fn=worker_init,
                         persistent_workers=workers > 0)
