@@ -29,6 +29,7 @@ def shapes(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_train_learns_then_test_and_predict(shapes, tmp_path, capsys):
     out = tmp_path / "run"
     # 200 iterations of 2 images (~6 epochs of the 64 training images), lr 1e-3 with the 1x schedule's shape

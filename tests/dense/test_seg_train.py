@@ -44,6 +44,7 @@ def trained(tmp_path_factory, one_thread):
     return root, out
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_synthetic_ade(trained):
     root, out = trained
     result = json.loads((out / "eval_latest.json").read_text())

@@ -12,6 +12,7 @@ from elsa.train import METRIC_COLUMNS
 from train_helpers import make_image_folder, read_jsonl, run_train
 
 
+@pytest.mark.slow
 def test_digits_default_learns_in_two_epochs(tmp_path):
     """Two epochs of the default data and model (digits, elsa_swin_pico) land far above chance (10%).
 
