@@ -137,7 +137,7 @@ def get_recipe(name: str, **overrides: Any) -> DetRecipe:
     elif name in RECIPES:
         recipe = RECIPES[name]
     else:
-        raise ValueError(f"recipe must be one of {sorted(RECIPES)} or a .json recipe file, got {name!r}")
+        raise ValueError(f"--recipe must be one of {sorted(RECIPES)} or a .json recipe file, got {name!r}")
     return recipe.replace(**overrides) if overrides else recipe
 
 
