@@ -181,3 +181,47 @@ def test_checkpoint_rules(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
     with pytest.raises(CheckpointError, match="1 missing keys"):
         load_checkpoint(nn.Sequential(nn.Linear(3, 2)), {"0.weight": model.weight.detach()})
+
+
+class _Draw:
+    """A transform with its own generator, as the segmentation pipeline's."""
+
+    def __init__(self):
+        import random
+
+        self.rng = random.Random(0)
+
+    def reseed(self, seed: int) -> None:
+        import random
+
+        self.rng = random.Random(seed)
+
+    def __call__(self, i):
+        return self.rng.random()
+
+
+class _Drawn(torch.utils.data.Dataset):
+    def __init__(self):
+        self.transform = _Draw()
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return (torch.tensor(self.transform(i)),)  # a (sample,) tuple, as the wrapper expects
+
+
+def test_seed_worker_gives_each_worker_its_own_reproducible_stream():
+    from elsa.data import SkipUnreadable
+    from elsa.engine import seed_worker
+
+    def draws(seed):
+        torch.manual_seed(seed)  # the loader's base seed comes from the main torch RNG (saved by the train state)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(SkipUnreadable(_Drawn()), range(8)),
+                                             batch_size=1, num_workers=2, worker_init_fn=seed_worker,
+                                             collate_fn=lambda b: float(b[0][0]))
+        return [x for x in loader]
+
+    a, b, c = draws(0), draws(0), draws(1)
+    assert a == b and a != c
+    assert a[0] != a[1]  # workers 0 and 1 take turns: without reseeding both would start from Random(0)

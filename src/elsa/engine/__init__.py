@@ -5,8 +5,8 @@ Imports flow ops -> layers -> models -> engine -> tasks (train/, dense/) -> cli:
 from .hooks import CheckpointHook, EvalHook, JsonlLogHook, ProgressHook, append_jsonl
 from .loop import Hook, StepOutput, Trainer
 from .runtime import Runtime, amp_dtype, cleanup_runtime, init_runtime, resolve_device, unwrap_model
-from .state import TrainState, get_rng_state, seed_everything, set_rng_state
+from .state import TrainState, get_rng_state, seed_everything, seed_worker, set_rng_state
 
 __all__ = ["CheckpointHook", "EvalHook", "JsonlLogHook", "ProgressHook", "append_jsonl", "Hook", "StepOutput",
            "Trainer", "Runtime", "amp_dtype", "cleanup_runtime", "init_runtime", "resolve_device", "unwrap_model",
-           "TrainState", "get_rng_state", "seed_everything", "set_rng_state"]
+           "TrainState", "get_rng_state", "seed_everything", "seed_worker", "set_rng_state"]

@@ -28,6 +28,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_worker(worker_id: int) -> None:
+    """The ``worker_init_fn`` of every task's training loader: the one seeding rule for data workers.
+
+    PyTorch already seeds each worker's torch, ``random`` and NumPy from the loader's base seed (drawn from the main
+    process's torch RNG, which the train state saves); a transform with its own generator (a ``reseed(seed)``
+    method, e.g. the segmentation pipeline's) gets that worker's seed too, so no two workers share a stream and a
+    run's augmentation depends on its seed alone."""
+    info = torch.utils.data.get_worker_info()
+    dataset = info.dataset if info is not None else None
+    while dataset is not None:
+        transform = getattr(dataset, "transform", None)
+        if hasattr(transform, "reseed"):
+            transform.reseed(info.seed % 2 ** 32)
+            return
+        dataset = getattr(dataset, "dataset", None)  # through wrappers (SkipUnreadable, Subset)
+
+
 def get_rng_state() -> Dict[str, Any]:
     """Python, NumPy and torch (CPU and CUDA) RNG states as tensors and numbers."""
     py_version, py_state, py_gauss = random.getstate()

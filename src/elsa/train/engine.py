@@ -26,7 +26,7 @@ from ..data import (SkipUnreadable, build_train_transform, collate_skipped, crea
                     resolve_model_data_config)
 from ..data.token_label import TokenLabelDataset, TokenLabelTransform, collate_token_label
 from ..engine import (CheckpointHook, Hook, ProgressHook, Runtime, StepOutput, Trainer, TrainState, cleanup_runtime,
-                      init_runtime, seed_everything)
+                      init_runtime, seed_everything, seed_worker)
 from ..io import atomic_write_text, save_safetensors
 from .config import TrainConfig, validate_config
 from .evaluation import score
@@ -243,7 +243,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> TrainResult:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {per_rank} training images per process "
                          f"({len(train_ds)} images over {runtime.world_size} process(es))")
     loader_kwargs = dict(num_workers=cfg.workers, pin_memory=cfg.pin_mem and device.type == "cuda",
-                         collate_fn=collate_skipped, persistent_workers=cfg.workers > 0)
+                         collate_fn=collate_skipped, persistent_workers=cfg.workers > 0, worker_init_fn=seed_worker)
     train_loader = torch.utils.data.DataLoader(SkipUnreadable(train_ds), batch_size=cfg.batch_size,
                                                sampler=sampler, drop_last=True,
                                                **dict(loader_kwargs, collate_fn=collate_token_label if token_label

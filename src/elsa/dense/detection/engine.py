@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from ...checkpoint import CheckpointError, fit_state_dict, load_training_checkpoint, read_checkpoint
 from ...engine import (CheckpointHook, EvalHook, JsonlLogHook, ProgressHook, Runtime, StepOutput, Trainer, TrainState,
-                       init_runtime, unwrap_model)
+                       init_runtime, seed_worker, unwrap_model)
 from ...engine.optim import linear_warmup, param_groups
 from ...io import atomic_write_text
 from ..recipes_det import DetRecipe
@@ -77,7 +77,7 @@ def train(model: nn.Module, recipe: DetRecipe, train_set: CocoInstances, output:
     net = runtime.wrap(model, sync_bn=True)  # the official cascade heads use SyncBN
     sampler = AspectRatioBatchSampler(train_set, recipe.batch_size, rank=runtime.rank, world_size=runtime.world_size)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=recipe.workers, collate_fn=collate,
-                        persistent_workers=recipe.workers > 0)
+                        persistent_workers=recipe.workers > 0, worker_init_fn=seed_worker)
     total, steps = schedule(recipe, len(loader))
     optimizer = build_optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -286,11 +286,3 @@ def collate_skip(batch: List[Dict[str, object]]) -> Dict[str, object]:
         out["img"] = torch.stack([b["img"] for b in good])  # type: ignore[misc]
         out["label"] = torch.stack([b["label"] for b in good])  # type: ignore[misc]
     return out
-
-
-def worker_init(worker_id: int) -> None:
-    """Give each DataLoader worker's transform its own random stream (derived from torch's per-worker seed)."""
-    info = torch.utils.data.get_worker_info()
-    ds = info.dataset if info is not None else None
-    if ds is not None and getattr(ds, "transform", None) is not None:
-        ds.transform.reseed(info.seed % (2 ** 32))

@@ -18,12 +18,12 @@ from torch.utils.data import DataLoader
 
 from ...checkpoint import CheckpointError, fit_state_dict, load_training_checkpoint, read_checkpoint, unwrap_state_dict
 from ...engine import (CheckpointHook, EvalHook, JsonlLogHook, ProgressHook, Runtime, StepOutput, Trainer, TrainState,
-                       init_runtime, unwrap_model)
+                       init_runtime, seed_worker, unwrap_model)
 from ...data.folder import SAMPLE_ERRORS, SkipUnreadable
 from ...engine.optim import linear_warmup, param_groups
 from ...io import atomic_write_text
 from .ade20k_meta import ADE20K_CLASSES
-from .data import ADE20KDataset, TrainTransform, collate_skip, worker_init
+from .data import ADE20KDataset, TrainTransform, collate_skip
 from .metrics import SegEvaluator
 from .recipes import SegRecipe
 from .segmentor import EncoderDecoder, build_segmentor, inference_settings, predict_probs
@@ -196,7 +196,7 @@ def train(recipe: SegRecipe, data_root, output: Path, pretrained: Optional[str] 
                                                   shuffle=True, seed=seed)
     loader = DataLoader(SkipUnreadable(train_set), batch_size=recipe.batch_per_gpu, sampler=sampler, num_workers=workers,
                         collate_fn=collate_skip, drop_last=len(train_set) >= recipe.batch_per_gpu * runtime.world_size,
-                        pin_memory=device.type == "cuda", worker_init_fn=worker_init,
+                        pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
                         persistent_workers=workers > 0)
     if runtime.is_main:
         _logger.info("training %s: %d images (%d skipped), batch %d x %d processes, %d iterations from %d",
