@@ -2,9 +2,9 @@
 
 Both detectors are built by ``elsa.dense.detection.build_detector`` from the official 1x recipe (FPN 256, RPN,
 shared-2fc box head, 4-conv mask head, 80 classes), so only the backbone differs. One step = forward with
-losses + backward + AdamW step, on a batch of synthetic images (default 2 x 800x1333, the official per-GPU batch
-and test size) with 8 random objects each (boxes + rectangular masks). fp16 autocast with loss scaling on CUDA
-(the official setting), float32 on CPU.
+losses + backward + AdamW step, run by the engine of ``elsa det train`` (``elsa.engine.Trainer``), on a batch
+of synthetic images (default 2 x 800x1333, the official per-GPU batch and test size) with 8 random objects each
+(boxes + rectangular masks). fp16 autocast with loss scaling on CUDA (the official setting), float32 on CPU.
 
 Measured per backbone: median step time over ``--iters`` steps after ``--warmup`` steps, images/s, and peak
 memory: CUDA max_memory_allocated on GPU; on CPU (each backbone in its own process) the peak RSS and its growth
@@ -36,6 +36,7 @@ except ImportError:  # run from a checkout without installing
 
 from elsa.dense.detection import build_detector  # noqa: E402
 from elsa.dense.recipes_det import get_recipe  # noqa: E402
+from elsa.engine import Hook, Runtime, StepOutput, Trainer, TrainState, amp_dtype  # noqa: E402
 
 BACKBONES = {"elsa_swin_tiny": "elsa_swin_tiny", "swin_tiny": "timm:swin_tiny_patch4_window7_224"}
 
@@ -60,47 +61,52 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class _StepTimes(Hook):
+    """Wall time of each step after the warm-up (CUDA synchronised), and the peak memory from there on."""
+
+    def __init__(self, warmup: int, device: torch.device) -> None:
+        self.warmup, self.device, self.times, self.t0 = warmup, device, [], 0.0
+
+    def before_train(self, trainer: Trainer) -> None:
+        if self.device.type == "cuda" and self.warmup == 0:
+            torch.cuda.reset_peak_memory_stats()
+        self.t0 = time.perf_counter()
+
+    def after_step(self, trainer: Trainer) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if trainer.state.iteration > self.warmup:
+            self.times.append(now - self.t0)
+        elif trainer.state.iteration == self.warmup and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self.t0 = time.perf_counter()
+
+
 def bench_one(name: str, args, device: torch.device) -> dict:
     recipe = get_recipe("mask_rcnn_elsa_swin_tiny_1x", backbone=BACKBONES[name])
     pad_h, pad_w = -(-args.height // 32) * 32, -(-args.width // 32) * 32
     torch.manual_seed(0)
     model = build_detector(recipe, img_size=(pad_h, pad_w)).to(device).train()
     params = sum(p.numel() for p in model.backbone.body.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    images, targets = synthetic_batch(args.batch, args.height, args.width, args.objects, device)
+    # the training step of `elsa det train`: the engine's runtime (fp16 autocast + loss scaling on CUDA) and loop
+    runtime = Runtime(device=device, amp_dtype=amp_dtype(True, device, "float16", cpu=False))
+    state = TrainState(model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05),
+                       scaler=runtime.grad_scaler())
+    batch = synthetic_batch(args.batch, args.height, args.width, args.objects, device)
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            losses = model(images, targets)
-        loss = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-        return float(loss.detach())
+    def step(m, b) -> StepOutput:
+        losses = m(*b)
+        return StepOutput(dict(losses, loss=sum(losses.values())), len(b[0]))
 
+    timer = _StepTimes(args.warmup, device)
+    total = args.warmup + args.iters
     rss0 = _rss_mib()
     try:
-        for _ in range(args.warmup):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(args.iters):
-            t0 = time.perf_counter()
-            loss = step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+        trainer = Trainer(runtime, state, model, [batch] * total, step, max_iters=total, hooks=[timer]).fit()
     except torch.cuda.OutOfMemoryError as e:  # record, don't crash the comparison
         return {"backbone": name, "error": f"out of memory: {e}".splitlines()[0]}
+    times, loss = timer.times, trainer.last["loss"]
     ms = statistics.median(times) * 1000
     out = {"backbone": name, "timm_or_elsa_name": BACKBONES[name], "backbone_params_m": round(params / 1e6, 2),
            "step_ms_median": round(ms, 1), "step_ms_all": [round(t * 1000, 1) for t in times],

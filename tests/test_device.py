@@ -1,9 +1,9 @@
-"""One device rule for every command (elsa.distributed.resolve_device)."""
+"""One device rule for every command (elsa.engine.resolve_device)."""
 import pytest
 import torch
 
 from elsa import benchmarking
-from elsa.distributed import resolve_device
+from elsa.engine import resolve_device
 
 
 def test_default_and_auto_pick_cuda_only_when_present():

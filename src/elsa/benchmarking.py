@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from . import distributed
+from .engine.runtime import resolve_device as _resolve_device
 
 _log = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ class BenchResult:
 
 
 def resolve_device(device: str = "auto") -> str:
-    """'auto' -> a CUDA GPU when present, else 'cpu'; other values are checked (elsa.distributed.resolve_device)."""
-    return str(distributed.resolve_device(device))
+    """'auto' -> a CUDA GPU when present, else 'cpu'; other values are checked (elsa.engine.resolve_device)."""
+    return str(_resolve_device(device))
 
 
 def device_name(device: str) -> str:

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 from PIL import Image  # noqa: E402
 
 from elsa.dense.detection.data import CocoInstances, TrainTransform, _crop, _flip, _resize, coco_paths  # noqa: E402
-from elsa.dense.synthetic_coco import make_synthetic_coco  # noqa: E402
+from synthetic_coco import make_synthetic_coco  # noqa: E402
 
 
 def _write_bad_dataset(tmp_path):

@@ -10,15 +10,10 @@ from elsa.dense.detection.models import MMDetRoIHeads
 from elsa.dense.detection.rpn import MMDetRPN
 from elsa.dense.detection.engine import lr_factor, param_groups, schedule
 from elsa.dense.recipes_det import RECIPES, get_recipe
+from synthetic_coco import tiny_recipe
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine is shared; with several processes each using all cores, one thread is ~10x faster here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch():
@@ -62,7 +57,7 @@ def test_official_mask_rcnn_settings():
 def test_mask_rcnn_l1_losses_match_hand_computation():
     """With the box predictor's deltas fixed to zero, the RoI box loss is sum |targets| of the positives / sampled."""
     torch.manual_seed(0)
-    m = build_detector(get_recipe("mask_rcnn_tiny_test")).train()
+    m = build_detector(tiny_recipe()).train()
     images, targets = _batch()
     m.roi_heads.box_predictor.bbox_pred.weight.data.zero_()
     m.roi_heads.box_predictor.bbox_pred.bias.data.zero_()
@@ -103,7 +98,7 @@ def test_recipes_match_official_table():
 @pytest.mark.parametrize("arch", ["cascade_mask_rcnn_tiny_test"])
 def test_cascade_forward_backward_and_eval(arch):
     torch.manual_seed(0)
-    r = get_recipe(arch)
+    r = tiny_recipe(arch)
     m = build_detector(r)
     assert isinstance(m.roi_heads, CascadeRoIHeads) and m.roi_heads.num_stages == 3
     assert [c.weights for c in m.roi_heads.box_coders] == [
@@ -139,7 +134,7 @@ def test_cascade_test_averages_stage_scores():
     """With stages 2 and 3 predicting 'class 1' with certainty and stage 1 'background', the averaged logits
     give class 1 a softmax probability computed from the mean of the three stages' logits."""
     torch.manual_seed(0)
-    r = get_recipe("cascade_mask_rcnn_tiny_test", box_score_thresh=0.0)
+    r = tiny_recipe("cascade_mask_rcnn_tiny_test", box_score_thresh=0.0)
     m = build_detector(r).eval()
     heads = m.roi_heads
     biases = [(5.0, 0.0, 0.0), (0.0, 5.0, 0.0), (0.0, 5.0, 0.0)]
@@ -157,7 +152,7 @@ def test_cascade_test_averages_stage_scores():
 
 
 def test_param_groups_follow_official_paramwise_cfg():
-    m = build_detector(get_recipe("mask_rcnn_tiny_test"))
+    m = build_detector(tiny_recipe())
     groups = param_groups(m, 0.05, ("absolute_pos_embed", "relative_position_bias_table", "norm"))
     names = {id(p): n for n, p in m.named_parameters()}
     no_decay = {names[id(p)] for p in groups[1]["params"]}
@@ -186,9 +181,9 @@ def test_bad_recipe_values_name_the_argument():
     with pytest.raises(ValueError, match="recipe must be one of"):
         get_recipe("nope")
     with pytest.raises(ValueError, match="unknown DetRecipe field"):
-        get_recipe("mask_rcnn_tiny_test", num_clases=3)
+        tiny_recipe(num_clases=3)
     with pytest.raises(ValueError, match="box_head"):
-        build_detector(get_recipe("mask_rcnn_tiny_test", box_head="3fc"))
+        build_detector(tiny_recipe(box_head="3fc"))
 
 
 def test_pretrained_classifier_loads_into_detector_backbone(tmp_path):
@@ -197,7 +192,7 @@ def test_pretrained_classifier_loads_into_detector_backbone(tmp_path):
 
     import elsa.models  # noqa: F401  (registers the ELSA-Swin models)
 
-    r = get_recipe("mask_rcnn_tiny_test")
+    r = tiny_recipe()
     cls = timm.create_model(r.backbone, num_classes=5, **r.backbone_kwargs)
     path = tmp_path / "cls.pth"
     torch.save({"state_dict": cls.state_dict()}, path)
@@ -283,7 +278,7 @@ def _mmdet_state_dict(model, arch):
 def test_official_mmdet_checkpoint_converts_and_loads(tmp_path, name):
     from elsa.dense.detection.engine import load_model_checkpoint
 
-    r = get_recipe(name)
+    r = tiny_recipe(name)
     model = build_detector(r)
     sd = _mmdet_state_dict(model, r.arch)
     path = tmp_path / "official.pth"
@@ -317,8 +312,8 @@ def test_official_mmdet_checkpoint_converts_and_loads(tmp_path, name):
 def test_checkpoint_for_another_recipe_is_a_clear_error(tmp_path):
     from elsa.dense.detection.engine import load_model_checkpoint
 
-    model = build_detector(get_recipe("mask_rcnn_tiny_test"))
+    model = build_detector(tiny_recipe())
     path = tmp_path / "mrcnn.pth"
     torch.save({"state_dict": _mmdet_state_dict(model, "mask_rcnn")}, path)
     with pytest.raises(ValueError, match="does not fit the model.*--recipe"):
-        load_model_checkpoint(build_detector(get_recipe("cascade_mask_rcnn_tiny_test")), path)
+        load_model_checkpoint(build_detector(tiny_recipe("cascade_mask_rcnn_tiny_test")), path)

@@ -14,7 +14,7 @@ from elsa.dense.detection import build_detector
 from elsa.dense.detection.masks import mask_targets, paste_masks
 from elsa.dense.detection.models import rescaled_size
 from elsa.dense.detection.rpn import FixedStrideAnchorGenerator, max_iou_assign
-from elsa.dense.recipes_det import get_recipe
+from synthetic_coco import tiny_recipe
 
 STRIDES = (4, 8, 16, 32, 64)
 SIZES = (32, 64, 128, 256, 512)
@@ -96,7 +96,7 @@ def test_anchors_equal_mmdet_at_every_level(padded):
     # and through the model: the RPN's generator on an ImageList of that padded size
     feats = [torch.zeros(1, 1, *s) for s in fs]
     images = ImageList(torch.zeros(2, 3, *padded), [padded, padded])
-    model_anchors = build_detector(get_recipe("mask_rcnn_tiny_test", anchor_sizes=SIZES)).rpn.anchor_generator(
+    model_anchors = build_detector(tiny_recipe("mask_rcnn_tiny_test", anchor_sizes=SIZES)).rpn.anchor_generator(
         images, feats)
     assert len(model_anchors) == 2
     np.testing.assert_array_equal(model_anchors[1].numpy(), np.concatenate(ref))
@@ -176,7 +176,7 @@ def test_rpn_targets_equal_mmdet_anchor_head(recipe):
     """AnchorHead._get_targets_single: anchors on the image's padded grid (valid_flags with its own pad_shape) and
     inside the unpadded image by allowed_border (-1: all; cascade: 0) are assigned; the rest get no target."""
     rng = np.random.default_rng(1)
-    r = get_recipe(recipe)
+    r = tiny_recipe(recipe)
     rpn = build_detector(r).rpn
     border = -1 if recipe.startswith("mask") else 0
     assert rpn.allowed_border == border
@@ -357,7 +357,7 @@ def test_test_resize_rounds_half_up_as_mmcv_and_maps_back():
     assert differ  # sizes where flooring (torchvision) and mmcv disagree
     for h, w in sizes:
         assert rescaled_size(h, w, 800, 1333) == _mmcv_rescale_size(h, w)
-    model = build_detector(get_recipe("mask_rcnn_tiny_test", test_size=(800, 1333))).eval()
+    model = build_detector(tiny_recipe("mask_rcnn_tiny_test", test_size=(800, 1333))).eval()
     h, w = differ[0]
     images, _ = model.transform([torch.rand(3, h, w)])
     assert tuple(images.image_sizes[0]) == _mmcv_rescale_size(h, w)
@@ -377,7 +377,7 @@ def test_test_resize_rounds_half_up_as_mmcv_and_maps_back():
 @pytest.mark.parametrize("name", ["mask_rcnn_tiny_test", "cascade_mask_rcnn_tiny_test"])
 def test_box_heads_initialised_as_mmdet(name):
     torch.manual_seed(0)
-    r = get_recipe(name, num_classes=40, representation_size=256)
+    r = tiny_recipe(name, num_classes=40, representation_size=256)
     rh = build_detector(r).roi_heads
     if name.startswith("mask"):
         pairs = [(rh.box_head, rh.box_predictor)]
@@ -409,7 +409,7 @@ def test_box_heads_initialised_as_mmdet(name):
 
 def test_rpn_loss_is_zero_not_nan_without_usable_anchors():
     """allowed_border=0 on an image smaller than every anchor leaves nothing to sample (mmdet skips the image)."""
-    r = get_recipe("cascade_mask_rcnn_tiny_test", anchor_sizes=(64, 128, 256, 512, 1024))
+    r = tiny_recipe("cascade_mask_rcnn_tiny_test", anchor_sizes=(64, 128, 256, 512, 1024))
     model = build_detector(r).train()
     images = [torch.rand(3, 40, 48)]
     targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 30.0]]), "labels": torch.tensor([1]),
@@ -434,7 +434,7 @@ def _train_batch():
 def test_mask_rcnn_mask_loss_uses_mmdet_targets():
     """The training mask loss is mean BCE of the positives' class masks against mmdet's targets (re-derived)."""
     torch.manual_seed(0)
-    m = build_detector(get_recipe("mask_rcnn_tiny_test")).train()
+    m = build_detector(tiny_recipe("mask_rcnn_tiny_test")).train()
     images, targets = _train_batch()
     seen = {}
     orig = m.roi_heads.select_training_samples
@@ -458,7 +458,7 @@ def test_mask_rcnn_mask_loss_uses_mmdet_targets():
 
 def test_cascade_mask_loss_uses_mmdet_targets():
     torch.manual_seed(0)
-    m = build_detector(get_recipe("cascade_mask_rcnn_tiny_test")).train()
+    m = build_detector(tiny_recipe("cascade_mask_rcnn_tiny_test")).train()
     images, targets = _train_batch()
     rh = m.roi_heads
     seen = {}
@@ -488,7 +488,7 @@ def test_cascade_mask_loss_uses_mmdet_targets():
 
 def test_mask_rcnn_rcnn_assigner_equals_mmdet():
     """train_cfg.rcnn.assigner: MaxIoUAssigner(pos 0.5, neg 0.5, min_pos_iou 0.5, match_low_quality=True)."""
-    rh = build_detector(get_recipe("mask_rcnn_tiny_test")).roi_heads
+    rh = build_detector(tiny_recipe("mask_rcnn_tiny_test")).roi_heads
     # P overlaps B (85 / 115) more than A (75 / 125 = 0.6) but is A's best proposal (Q = B overlaps A by 0.43):
     # mmdet's low-quality step gives P to A; torchvision's Matcher (no low-quality matches) gives it to B
     gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [4.0, 0.0, 14.0, 10.0]])

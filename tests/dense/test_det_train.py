@@ -7,20 +7,12 @@ import pytest
 import torch
 
 pytest.importorskip("pycocotools")
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # pycocotools
+              pytest.mark.usefixtures("one_thread")]
 from PIL import Image  # noqa: E402
 
 from elsa.cli import det as det_cli  # noqa: E402
-from elsa.dense.synthetic_coco import make_synthetic_coco  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine is shared; with several processes each using all cores, one thread is ~10x faster here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from synthetic_coco import make_synthetic_coco, tiny_recipe_file  # noqa: E402
 
 
 def _run(argv):
@@ -37,6 +29,7 @@ def shapes(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_train_learns_then_test_and_predict(shapes, tmp_path, capsys):
     out = tmp_path / "run"
     # 300 iterations of 2 images (~9 epochs of the 64 training images), lr 1e-3 with the 1x schedule's shape
@@ -47,7 +40,7 @@ def test_train_learns_then_test_and_predict(shapes, tmp_path, capsys):
     # default init), hence 300. A detection counts only with the right class and IoU >= 0.5 on a 10-40 px shape,
     # so AP50 >= 0.4 means the RPN, the box head and the classifier all learnt the shapes; the bar sits well below
     # the worst run seen so that float noise across machines cannot flip it.
-    rc = _run(["train", "--recipe", "mask_rcnn_tiny_test", "--data", str(shapes), "--output", str(out),
+    rc = _run(["train", "--recipe", tiny_recipe_file(tmp_path), "--data", str(shapes), "--output", str(out),
                "--iters", "300", "--batch-size", "2", "--no-progress"])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -85,7 +78,7 @@ def test_resume_continues_from_checkpoint(tmp_path):
     root = tmp_path / "small"
     make_synthetic_coco(root, num_train=6, num_val=2, seed=3)
     out = tmp_path / "run"
-    common = ["--recipe", "mask_rcnn_tiny_test", "--data", str(root), "--output", str(out), "--batch-size", "2",
+    common = ["--recipe", tiny_recipe_file(tmp_path), "--data", str(root), "--output", str(out), "--batch-size", "2",
               "--no-eval", "--no-progress"]
     assert _run(["train", *common, "--iters", "4"]) == 0
     first = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
@@ -98,12 +91,13 @@ def test_resume_continues_from_checkpoint(tmp_path):
     assert any(not torch.equal(first["model"][k], second["model"][k]) for k in first["model"])
 
 
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     root = tmp_path / "small"
     make_synthetic_coco(root, num_train=2, num_val=1, seed=4)
-    with pytest.raises(FileNotFoundError, match="--resume"):
-        _run(["train", "--recipe", "mask_rcnn_tiny_test", "--data", str(root), "--output", str(tmp_path / "x"),
-              "--iters", "1", "--resume", "--no-eval", "--no-progress"])
+    rc = _run(["train", "--recipe", tiny_recipe_file(tmp_path), "--data", str(root), "--output", str(tmp_path / "x"),
+               "--iters", "1", "--resume", "--no-eval", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "elsa det train: error: --resume: no checkpoint" in err and "Traceback" not in err
 
 
 def test_ddp_two_processes_gloo(tmp_path):
@@ -123,8 +117,8 @@ def test_ddp_two_processes_gloo(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "elsa.cli.det", "train",
-           "--recipe", "cascade_mask_rcnn_tiny_test", "--data", str(root), "--output", str(out), "--iters", "2",
-           "--batch-size", "1", "--no-progress"]
+           "--recipe", tiny_recipe_file(tmp_path, "cascade_mask_rcnn_tiny_test"), "--data", str(root),
+           "--output", str(out), "--iters", "2", "--batch-size", "1", "--no-progress"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("| bbox |") == 1  # printed by rank 0 only
@@ -132,3 +126,45 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert ckpt["iteration"] == 2 and not any(k.startswith("module.") for k in ckpt["model"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"bbox", "segm"}
+
+
+def test_sigkill_mid_run_then_resume_finishes(tmp_path, kill_after_checkpoint):
+    """A run killed with SIGKILL after its first checkpoint leaves whole checkpoint and log files; --resume ends
+    the schedule, with the optimizer state carried over (AdamW step count = total iterations)."""
+    import sys
+
+    root = tmp_path / "small"
+    make_synthetic_coco(root, num_train=6, num_val=2, seed=6)
+    out = tmp_path / "run"
+    common = ["--recipe", tiny_recipe_file(tmp_path), "--data", str(root), "--output", str(out), "--batch-size", "2",
+              "--iters", "60", "--no-eval", "--no-progress"]
+    kill_after_checkpoint([sys.executable, "-m", "elsa.cli.det", "train", *common], out / "last.pth")
+    killed = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+    assert 3 <= killed["iteration"] < 60 and killed["iteration"] % 3 == 0  # saved at epoch ends (3 per epoch)
+    assert len(killed["rng"]) == 1
+    assert _run(["train", *common, "--resume"]) == 0
+    final = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+    assert final["iteration"] == 60 and final["scheduler"]["last_epoch"] == 60
+    assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {60}
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["iter"] == 60
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_amp_bf16_on_cpu_trains(tmp_path, caplog):
+    """--amp-dtype bfloat16 autocasts on the CPU too (float16 is CUDA's, with the grad scaler)."""
+    import logging
+
+    root = tmp_path / "small"
+    make_synthetic_coco(root, num_train=4, num_val=2, seed=7)
+    out = tmp_path / "amp"
+    with caplog.at_level(logging.INFO, logger="elsa.engine"):
+        assert _run(["train", "--recipe", tiny_recipe_file(tmp_path), "--data", str(root), "--output", str(out),
+                     "--batch-size", "2", "--iters", "4", "--amp-dtype", "bfloat16", "--no-eval",
+                     "--no-progress"]) == 0
+    assert "autocast bfloat16, grad scaler off" in caplog.text
+    ckpt = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+    assert ckpt["iteration"] == 4 and ckpt["recipe"]["amp_dtype"] == "bfloat16"
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert rows and all(r["loss"] == r["loss"] for r in rows)  # finite (NaN != NaN)

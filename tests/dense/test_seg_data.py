@@ -8,9 +8,10 @@ from PIL import Image
 
 from elsa.dense.segmentation.data import (ADE20KDataset, TrainTransform, collate_skip, hsv_cv_to_rgb,
                                           photometric_distortion, random_crop_box, resolve_ade_root, rgb_to_hsv_cv)
+from elsa.data import SkipUnreadable
 from elsa.dense.segmentation.engine import evaluate
 from elsa.dense.segmentation.recipes import get_recipe
-from elsa.dense.synthetic_ade import make_synthetic_ade
+from synthetic_ade import make_synthetic_ade
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +101,11 @@ def test_bad_files_are_skipped_and_counted(tmp_path):
     ds = ADE20KDataset(tmp_path, "training",
                        TrainTransform(img_scale=(64, 32), crop_size=(24, 24), seed=0))
     assert len(ds) == 3 and len(ds.skipped) == 1 and "no annotation" in ds.skipped[0].reason
-    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=collate_skip)
-    batch = next(iter(loader))
-    assert batch["skipped"] == 1 and batch["img"].shape == (2, 3, 24, 24)
+    with pytest.raises(OSError):
+        ds[1]                                                          # the data set itself does not hide it
+    loader = torch.utils.data.DataLoader(SkipUnreadable(ds), batch_size=3, collate_fn=collate_skip)
+    batch = next(iter(loader))                                         # replaced by the next sample, and counted
+    assert batch["skipped"] == 1 and batch["img"].shape == (3, 3, 24, 24) and batch["path"][1] == batch["path"][2]
     with pytest.raises(FileNotFoundError, match="validation"):
         ADE20KDataset(tmp_path, "validation")   # empty split: clear error
     # evaluation skips and counts both kinds too

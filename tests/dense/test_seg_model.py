@@ -5,7 +5,9 @@ import torch.nn as nn
 
 from elsa.dense.segmentation.engine import build_optimizer, poly_warmup_factor
 from elsa.dense.segmentation.heads import FCNHead, UPerHead
-from elsa.dense.segmentation.recipes import RECIPES, build_segmentor, get_recipe, param_groups
+from elsa.dense.segmentation.recipes import RECIPES, get_recipe
+from elsa.dense.segmentation.segmentor import build_segmentor
+from elsa.engine.optim import param_groups
 from elsa.dense.segmentation.segmentor import (predict_probs, rescale_size, seg_cross_entropy, slide_inference,
                                                whole_inference)
 
@@ -152,7 +154,7 @@ def test_rescale_size_is_mmcv_keep_ratio():
 def test_param_groups_follow_official_paramwise_cfg():
     model = build_segmentor(tiny_recipe())
     recipe = tiny_recipe()
-    decay, no_decay = param_groups(model, recipe)
+    decay, no_decay = param_groups(model, recipe.weight_decay, recipe.no_decay_keys)
     names = {id(p): n for n, p in model.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}
     d = {names[id(p)] for p in decay["params"]}
@@ -161,7 +163,7 @@ def test_param_groups_follow_official_paramwise_cfg():
     assert "decode_head.bottleneck.bn.weight" in d        # mmcv's ConvModule norm is 'bn': not matched by 'norm'
     assert "backbone.layers.3.blocks.0.attn.rb" in d      # official key 'relative_position_bias_table' misses 'rb'
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.01
-    excluded = param_groups(model, recipe.replace(no_decay_keys=recipe.no_decay_keys + (".rb",)))[1]
+    excluded = param_groups(model, recipe.weight_decay, recipe.no_decay_keys + (".rb",))[1]
     assert "backbone.layers.3.blocks.0.attn.rb" in {names[id(p)] for p in excluded["params"]}
 
 

@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 from elsa.cli import seg as seg_cli
-from elsa.dense.synthetic_ade import NUM_CLASSES, make_synthetic_ade
+from synthetic_ade import NUM_CLASSES, make_synthetic_ade
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = '{"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 4], "group_width": 4, ' \
        '"elsa_kernel": 3, "window_size": 4, "patch_size": 4, "drop_path_rate": 0.0}'
@@ -24,15 +26,6 @@ def cli(argv):
     seg_cli.add_parser(parser.add_subparsers())
     args = parser.parse_args(["seg", *argv])
     return args.func(args)
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    # These tiny tensors run faster on one thread, and much faster when other jobs share the two cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +44,7 @@ def trained(tmp_path_factory, one_thread):
     return root, out
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_synthetic_ade(trained):
     root, out = trained
     result = json.loads((out / "eval_latest.json").read_text())
@@ -130,3 +124,43 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert "batch 2 x 2 processes" in stderr
     ckpt = torch.load(out / "latest.pth", map_location="cpu", weights_only=True)
     assert ckpt["iteration"] == 4
+
+
+def test_sigkill_mid_run_then_resume_finishes(tmp_path, kill_after_checkpoint):
+    """A run killed with SIGKILL after its first checkpoint leaves whole checkpoints; --resume ends the schedule
+    with the optimizer state carried over, and every periodic snapshot loads."""
+    import sys
+
+    make_synthetic_ade(tmp_path / "data", num_train=8, num_val=2, size=(40, 48), seed=4)
+    out = tmp_path / "run"
+    common = [*SMALL, "--data", str(tmp_path / "data"), "--output", str(out), "--iters", "60", "--batch-size", "2",
+              "--workers", "0", "--ckpt-interval", "4", "--eval-interval", "1000", "--log-interval", "4"]
+    kill_after_checkpoint([sys.executable, "-m", "elsa.cli.seg", "train", *common], out / "latest.pth")
+    killed = torch.load(out / "latest.pth", map_location="cpu", weights_only=True)
+    assert 4 <= killed["iteration"] < 60 and killed["iteration"] % 4 == 0
+    assert cli(["train", *common, "--resume"]) == 0
+    final = torch.load(out / "latest.pth", map_location="cpu", weights_only=True)
+    assert final["iteration"] == 60 and final["scheduler"]["last_epoch"] == 60
+    assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {60}
+    snapshots = sorted(out.glob("iter_*.pth"))
+    assert len(snapshots) == 15 and all(
+        torch.load(p, map_location="cpu", weights_only=True)["iteration"] == int(p.stem[5:]) for p in snapshots)
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["iter"] == 60
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_amp_bf16_on_cpu_trains(tmp_path, caplog):
+    """--amp-dtype bfloat16 autocasts on the CPU too (float16 is CUDA's, with the grad scaler)."""
+    import logging
+
+    make_synthetic_ade(tmp_path / "data", num_train=4, num_val=2, size=(40, 48), seed=5)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="elsa.engine"):
+        assert cli(["train", *SMALL, "--data", str(tmp_path / "data"), "--output", str(out), "--iters", "3",
+                    "--batch-size", "2", "--workers", "0", "--eval-interval", "3", "--amp-dtype", "bfloat16"]) == 0
+    assert "autocast bfloat16, grad scaler off" in caplog.text
+    ckpt = torch.load(out / "latest.pth", map_location="cpu", weights_only=True)
+    assert ckpt["iteration"] == 3 and ckpt["recipe"]["amp_dtype"] == "bfloat16"
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    result = json.loads((out / "eval_latest.json").read_text())
+    assert result["iter"] == 3 and 0.0 <= result["aAcc"] <= 1.0

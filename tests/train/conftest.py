@@ -1,11 +1,8 @@
-"""One torch thread per test: the machine is shared, and several threads thrash when the cores are busy."""
+"""One torch thread per test module (tests/conftest.py): the machine is shared, and several threads thrash when
+the cores are busy."""
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)

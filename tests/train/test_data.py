@@ -73,7 +73,7 @@ def test_unreadable_image_is_replaced_and_counted(tmp_path, caplog):
     ("empty_class", "contain no images"),
     ("class_mismatch", "differ from the training classes"),
 ])
-def test_bad_data_fails_before_training(tmp_path, caplog, breakage, match):
+def test_bad_data_fails_before_training(tmp_path, capsys, breakage, match):
     root = tmp_path / "data"
     make_image_folder(root, per_class=2)
     if breakage == "missing":
@@ -86,10 +86,10 @@ def test_bad_data_fails_before_training(tmp_path, caplog, breakage, match):
     elif breakage == "class_mismatch":
         (root / "val" / "dog").rename(root / "val" / "horse")
     out = tmp_path / "runs"
-    with caplog.at_level(logging.ERROR):
-        rc = run_train([str(root), "--output", str(out), "--experiment", "x", "--epochs", "1", "-b", "2",
-                        "--img-size", "32", "--num-classes", "2", "-j", "0"])
-    assert rc == 2 and match in caplog.text
+    rc = run_train([str(root), "--output", str(out), "--experiment", "x", "--epochs", "1", "-b", "2",
+                    "--img-size", "32", "--num-classes", "2", "-j", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and err.startswith("elsa train: error: ") and "Traceback" not in err
     assert not (out / "x").exists()  # nothing was started
 
 

@@ -32,7 +32,7 @@ def test_two_ranks_match_one_process(tmp_path):
     r1 = torch.load(tmp_path / "ddp_params" / "rank1.pt", weights_only=True)
     single = torch.load(tmp_path / "single_params" / "rank0.pt", weights_only=True)
     assert r0.keys() == r1.keys() == single.keys()
-    init = torch.load(tmp_path / "ddp" / "last.pth", weights_only=True)["state_dict"]
+    init = torch.load(tmp_path / "ddp" / "last.pth", weights_only=True)["model"]
     for k in r0:
         torch.testing.assert_close(r0[k], r1[k], rtol=0, atol=0, msg=f"ranks differ at {k}")
         torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=2e-5, msg=f"DDP != single process at {k}")

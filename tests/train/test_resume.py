@@ -2,15 +2,14 @@
 run continues exactly as an uninterrupted one (model, optimizer, schedule, EMA, step and RNG restored)."""
 from __future__ import annotations
 
-import signal
-import time
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from elsa.models._checkpoint import CheckpointError
-from train_helpers import elsa_subprocess, read_jsonl, run_train
+from elsa.checkpoint import CheckpointError
+from train_helpers import ENTRY, read_jsonl, run_train
 
 TINY = ["digits", "--train-subset", "64", "--val-subset", "40", "-b", "16", "--warmup-epochs", "0", "-j", "0",
         "--no-progress"]
@@ -24,28 +23,16 @@ def _load_all_checkpoints(run_dir: Path) -> dict:
     return loaded
 
 
-def test_sigkill_mid_epoch_then_resume(tmp_path):
+def test_sigkill_mid_epoch_then_resume(tmp_path, kill_after_checkpoint):
     out, run_dir = tmp_path / "runs", tmp_path / "runs" / "r"
-    proc = elsa_subprocess(["train", *TINY, "--epochs", "5", "--output", str(out), "--experiment", "r"])
-    try:
-        deadline = time.time() + 240
-        while not (run_dir / "last.pth").exists():
-            assert proc.poll() is None, f"training ended early:\n{proc.stdout.read()}"
-            assert time.time() < deadline, "no checkpoint after 240 s"
-            time.sleep(0.2)
-        time.sleep(0.3)  # into the next epoch (or its checkpoint write: either way the files must stay whole)
-        assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_after_checkpoint([sys.executable, *ENTRY, "train", *TINY, "--epochs", "5", "--output", str(out),
+                           "--experiment", "r"], run_dir / "last.pth", after_s=0.3)
     killed = _load_all_checkpoints(run_dir)
     assert "last.pth" in killed and 1 <= killed["last.pth"]["epoch"] < 5
 
     assert run_train(["--resume", str(run_dir / "last.pth"), "--no-progress"]) == 0  # options from the checkpoint
     final = _load_all_checkpoints(run_dir)
-    assert final["last.pth"]["epoch"] == 5 and final["last.pth"]["global_step"] == 5 * 4
+    assert final["last.pth"]["epoch"] == 5 and final["last.pth"]["iteration"] == 5 * 4
     assert final["best.pth"]["epoch"] == final["last.pth"]["best_epoch"]
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
@@ -67,23 +54,24 @@ def test_resume_continues_exactly(tmp_path):
     assert run_train(["--resume", str(tmp_path / "split" / "last.pth")]) == 0
     a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
     b = torch.load(tmp_path / "split" / "last.pth", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2 and a["global_step"] == b["global_step"]
-    for key in ("state_dict", "state_dict_ema"):
+    assert a["epoch"] == b["epoch"] == 2 and a["iteration"] == b["iteration"]
+    for key in ("model", "model_ema"):
         for name in a[key]:
             torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=0, msg=f"{key}.{name}")
     assert read_jsonl(tmp_path / "straight" / "metrics.jsonl")[1]["train_loss"] == pytest.approx(
         read_jsonl(tmp_path / "split" / "metrics.jsonl")[1]["train_loss"], rel=1e-6)
 
 
-def test_resume_rejects_a_weights_only_file(tmp_path, caplog):
+def test_resume_rejects_a_weights_only_file(tmp_path, capsys):
     f = tmp_path / "w.pth"
     torch.save({"head.weight": torch.zeros(1)}, f)
     assert run_train([*TINY, "--epochs", "1", "--resume", str(f)]) == 2
-    assert "not an `elsa train` checkpoint" in caplog.text
+    err = capsys.readouterr().err
+    assert "elsa train: error: --resume file" in err and "not an `elsa train` checkpoint" in err
     half = tmp_path / "half.pth"
     half.write_bytes(b"PK\x03\x04 truncated")
     assert run_train([*TINY, "--epochs", "1", "--resume", str(half)]) == 2
-    assert "not a readable checkpoint" in caplog.text
+    assert "not a readable PyTorch checkpoint" in capsys.readouterr().err
     assert issubclass(CheckpointError, RuntimeError)
 
 

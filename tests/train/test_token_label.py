@@ -123,7 +123,7 @@ def test_missing_label_map_and_model_without_token_head_are_clear_errors(tmp_pat
         check_token_label_model(torch.nn.Linear(2, 2), "elsa_swin_pico")
 
 
-def test_elsa_train_with_token_labels_tiny_elsa_volo(tmp_path, caplog):
+def test_elsa_train_with_token_labels_tiny_elsa_volo(tmp_path, caplog, capsys):
     data = make_image_folder(tmp_path / "data", per_class=4, size=40)
     _write_label_maps(data, tmp_path / "labels")
     args = [str(data), "--model", "_test_tiny_elsa_volo", "--img-size", "32", "--token-label-dir",
@@ -140,4 +140,4 @@ def test_elsa_train_with_token_labels_tiny_elsa_volo(tmp_path, caplog):
     caplog.clear()
     assert run_train([str(data), "--model", "elsa_swin_pico", "--token-label-dir", str(tmp_path / "labels"),
                       "--epochs", "1", "-j", "0", "--no-progress", "--output", str(tmp_path / "out2")]) == 2
-    assert "token labeling needs a model with a token head (ELSA-VOLO), got elsa_swin_pico" in caplog.text
+    assert "token labeling needs a model with a token head (ELSA-VOLO), got elsa_swin_pico" in capsys.readouterr().err

@@ -12,6 +12,8 @@ import json
 import logging
 import sys
 
+from ._common import command
+
 _logger = logging.getLogger("elsa.benchmark")
 
 
@@ -33,7 +35,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default: 20 CUDA, 3 CPU)")
     p.add_argument("--out", default=None, help="also write every figure and the environment as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=command("benchmark")(run))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,25 +44,21 @@ def run(args: argparse.Namespace) -> int:
     from .. import benchmarking as bench
     from ..io import atomic_write_text
 
-    try:
-        device = bench.resolve_device(args.device)
-        cuda = device.startswith("cuda")
-        precisions = ["fp32", "bf16"] if args.amp else ["fp32"]
-        settings = [bench.BenchSettings(
-            device=device, batch=args.batch or (128 if cuda else 8), img_size=args.img_size, precision=prec,
-            channels_last=args.channels_last, compile=args.compile,
-            warmup=args.warmup if args.warmup is not None else (5 if cuda else 1),
-            iters=args.iters if args.iters is not None else (20 if cuda else 3)) for prec in precisions]
-        models = bench.expand_models(args.models, with_baselines=not args.no_baselines)
-        import timm
+    device = bench.resolve_device(args.device)
+    cuda = device.startswith("cuda")
+    precisions = ["fp32", "bf16"] if args.amp else ["fp32"]
+    settings = [bench.BenchSettings(
+        device=device, batch=args.batch or (128 if cuda else 8), img_size=args.img_size, precision=prec,
+        channels_last=args.channels_last, compile=args.compile,
+        warmup=args.warmup if args.warmup is not None else (5 if cuda else 1),
+        iters=args.iters if args.iters is not None else (20 if cuda else 3)) for prec in precisions]
+    models = bench.expand_models(args.models, with_baselines=not args.no_baselines)
+    import timm
 
-        import elsa.models  # noqa: F401
-        unknown = [m for m in models if not timm.is_model(m)]
-        if unknown:
-            raise ValueError(f"--models: unknown model(s) {unknown}; see `elsa models` or timm.list_models()")
-    except ValueError as err:
-        print(f"elsa benchmark: error: {err}", file=sys.stderr)
-        return 2
+    import elsa.models  # noqa: F401
+    unknown = [m for m in models if not timm.is_model(m)]
+    if unknown:
+        raise ValueError(f"--models: unknown model(s) {unknown}; see `elsa models` or timm.list_models()")
 
     total = len(models) * len(settings) * len(args.modes)
     with tqdm(total=total, desc="benchmark", unit="run", disable=args.no_progress, file=sys.stderr) as bar:

@@ -7,6 +7,8 @@ import logging
 import timm
 import torch
 
+from ._common import command
+
 _logger = logging.getLogger(__name__)
 
 
@@ -19,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", help="output .safetensors file")
     p.add_argument("--model", required=True, help="registered model name, e.g. elsa_swin_tiny")
     p.add_argument("--use-ema", action="store_true", help="take the EMA weights (state_dict_ema)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=command("convert")(run))
 
 
 def convert(checkpoint: str, output: str, model_name: str, use_ema: bool = False) -> dict:
@@ -29,7 +31,7 @@ def convert(checkpoint: str, output: str, model_name: str, use_ema: bool = False
     from ..models import load_checkpoint, read_state_dict, unwrap_state_dict
 
     if not output.endswith(".safetensors"):
-        raise SystemExit(f"output must end with .safetensors, got {output!r}")
+        raise ValueError(f"output must end with .safetensors, got {output!r}")
     state = unwrap_state_dict(read_state_dict(checkpoint), use_ema=use_ema)
     num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
     model = timm.create_model(model_name, num_classes=num_classes).eval()

@@ -10,37 +10,25 @@ import sys
 from pathlib import Path
 from typing import Any, Dict
 
+from ._common import command, int_list, int_pair, json_object, positive_int, recipe_overrides
+
 _logger = logging.getLogger("elsa.det")
 
 
+# flag (argparse dest) -> DetRecipe field; switches map to (field, value)
+RECIPE_FLAGS = {
+    "num_classes": "num_classes", "backbone_kwargs": "backbone_kwargs", "iters": "max_iters",
+    "batch_size": "batch_size", "workers": "workers", "lr": "lr", "train_scales": "train_scales",
+    "test_size": "test_size", "amp_dtype": "amp_dtype", "no_amp": ("amp", False),
+    "grad_checkpointing": ("grad_checkpointing", True),
+}
+
+
 def _recipe(args: argparse.Namespace, meta_recipe: Dict[str, Any] | None = None):
+    """The named recipe (or the checkpoint's, for test/predict without --recipe) with the flags applied."""
     from elsa.dense.recipes_det import DetRecipe, get_recipe
 
-    overrides: Dict[str, Any] = {}
-    if getattr(args, "num_classes", None) is not None:
-        overrides["num_classes"] = args.num_classes
-    if getattr(args, "backbone_kwargs", None):
-        try:
-            overrides["backbone_kwargs"] = json.loads(args.backbone_kwargs)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"--backbone-kwargs must be a JSON object, got {args.backbone_kwargs!r}: {e}")
-    if getattr(args, "iters", None) is not None:
-        overrides["max_iters"] = args.iters
-    if getattr(args, "batch_size", None) is not None:
-        overrides["batch_size"] = args.batch_size
-    if getattr(args, "workers", None) is not None:
-        overrides["workers"] = args.workers
-    if getattr(args, "lr", None) is not None:
-        overrides["lr"] = args.lr
-    if getattr(args, "train_scales", None):
-        overrides["train_scales"] = tuple(int(s) for s in args.train_scales.split(","))
-    if getattr(args, "test_size", None):
-        short, long = (int(s) for s in args.test_size.split(","))
-        overrides["test_size"] = (short, long)
-    if getattr(args, "no_amp", False):
-        overrides["amp"] = False
-    if getattr(args, "grad_checkpointing", False):
-        overrides["grad_checkpointing"] = True
+    overrides = recipe_overrides(args, RECIPE_FLAGS)
     if meta_recipe is not None and args.recipe is None:
         return DetRecipe.from_dict(meta_recipe).replace(**overrides)
     return get_recipe(args.recipe or "mask_rcnn_elsa_swin_tiny_1x", **overrides)
@@ -82,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     output = Path(args.output or f"output/det/{recipe.name}")
     summary = train(model, recipe, datasets["train"], output, val_set=datasets.get("val"), resume=args.resume,
                     eval_interval=args.eval_interval, progress=not args.no_progress)
-    if summary["rank"] != 0:
+    if summary["rank"] != 0:  # the runtime's rank: rank 0 alone reports
         return 0
     stats = {"bbox_train": dict(datasets["train"].stats)}
     print(f"trained {summary['iterations']} iterations ({summary['epochs']} epochs) in {summary['seconds']:.0f}s; "
@@ -93,39 +81,34 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace):
-    import torch
-
+    """(model, recipe, meta) from ``--checkpoint``, read once."""
+    from elsa.checkpoint import read_checkpoint
     from elsa.dense.detection import build_detector
-    from elsa.dense.detection.engine import load_model_checkpoint
+    from elsa.dense.detection.engine import load_model_checkpoint, read_detector_checkpoint
 
-    if not Path(args.checkpoint).is_file():
-        raise SystemExit(f"--checkpoint {args.checkpoint}: file not found")
-    from elsa.dense.detection.engine import read_detector_checkpoint
-
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    state = read_checkpoint(args.checkpoint, "--checkpoint file")
     recipe = _recipe(args, state.get("recipe") if isinstance(state, dict) else None)
-    _, meta = read_detector_checkpoint(args.checkpoint)
+    _, meta = read_detector_checkpoint(args.checkpoint, state)
     if meta.get("classes") and args.num_classes is None:
         recipe = recipe.replace(num_classes=len(meta["classes"]))
     model = build_detector(recipe)
-    load_model_checkpoint(model, args.checkpoint)
+    load_model_checkpoint(model, args.checkpoint, state)
     return model, recipe, meta
 
 
 def cmd_test(args: argparse.Namespace) -> int:
     from elsa.dense.detection.data import CocoInstances, coco_paths
     from elsa.dense.detection.engine import evaluate
-    from elsa.distributed import init_distributed
+    from elsa.engine import init_runtime
     from elsa.io import atomic_write_text
 
-    info = init_distributed(args.device)  # an explicit --device wins over the rank's default
-    rank, device = info.rank, info.device
+    runtime = init_runtime(args.device)  # an explicit --device wins over the rank's default
     model, recipe, _ = _load_model(args)
-    model.to(device)
+    model.to(runtime.device)
     ann, img = coco_paths(args.data, args.split) if not (args.ann and args.images) else (args.ann, args.images)
     dataset = CocoInstances(args.ann or ann, args.images or img, train=False)
-    metrics = evaluate(model, dataset, recipe, device=device, progress=not args.no_progress)
-    if rank == 0:
+    metrics = evaluate(model, dataset, recipe, progress=not args.no_progress, runtime=runtime)
+    if runtime.is_main:
         _print_metrics(metrics)
         out = Path(args.out or Path(args.checkpoint).with_suffix(".metrics.json"))
         atomic_write_text(out, json.dumps(metrics, indent=2))
@@ -139,11 +122,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-    from elsa.distributed import resolve_device
+    from elsa.engine import resolve_device
     from elsa.io import atomic_write, atomic_write_text
 
     if not Path(args.image).is_file():
-        raise SystemExit(f"IMAGE {args.image}: file not found")
+        raise FileNotFoundError(f"IMAGE {args.image}: file not found")
     model, recipe, meta = _load_model(args)
     device = resolve_device(args.device)
     model.to(device).eval()
@@ -177,9 +160,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser, recipe_default: str | None) -> None:
     p.add_argument("--recipe", default=recipe_default,
                    help="recipe name (see `elsa det recipes`); test/predict default: the one saved in the checkpoint")
-    p.add_argument("--num-classes", type=int, default=None, help="override the number of classes")
-    p.add_argument("--backbone-kwargs", default=None, help="JSON overrides of the backbone architecture (tests)")
-    p.add_argument("--test-size", default=None, help="SHORT,LONG test resize (default: recipe's 800,1333)")
+    p.add_argument("--num-classes", type=positive_int, default=None, help="override the number of classes")
+    p.add_argument("--backbone-kwargs", type=json_object, default=None,
+                   help="JSON overrides of the backbone architecture (tests)")
+    p.add_argument("--test-size", type=int_pair, default=None, help="SHORT,LONG test resize (default: recipe's "
+                                                                     "800,1333)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -201,15 +186,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pth")
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True, help="evaluate on val at the end")
     p.add_argument("--eval-interval", type=int, default=0, help="also evaluate every N epochs")
-    p.add_argument("--iters", type=int, default=None, help="total iterations instead of the recipe's epochs")
-    p.add_argument("--batch-size", type=int, default=None, help="images per GPU/process (official: 2)")
+    p.add_argument("--iters", type=positive_int, default=None, help="total iterations instead of the recipe's epochs")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="images per GPU/process (official: 2)")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--train-scales", default=None, help="comma-separated short sides for training resize")
+    p.add_argument("--train-scales", type=int_list, default=None,
+                   help="comma-separated short sides for training resize")
     p.add_argument("--no-amp", action="store_true", help="float32 training on CUDA (default: fp16 autocast)")
+    p.add_argument("--amp-dtype", choices=["float16", "bfloat16"], default=None,
+                   help="turn autocast on with this dtype (default float16, CUDA only; bfloat16 also on CPU)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute backbone blocks to save memory")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=command("det train")(cmd_train))
 
     p = sub.add_parser("test", help="COCO box/mask AP of a checkpoint (ours, or an official mmdet one + --recipe)")
     _common(p, None)
@@ -220,7 +208,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--images", default=None, help="image folder (overrides the layout under --data)")
     p.add_argument("--out", default=None, help="metrics JSON (default: CHECKPOINT.metrics.json)")
     p.add_argument("--device", default=None)
-    p.set_defaults(func=cmd_test)
+    p.set_defaults(func=command("det test")(cmd_test))
 
     p = sub.add_parser("predict", help="draw detections and masks over one image (PNG)")
     _common(p, None)
@@ -230,10 +218,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="also write the detections as JSON")
     p.add_argument("--score-thr", type=float, default=0.3)
     p.add_argument("--device", default=None)
-    p.set_defaults(func=cmd_predict)
+    p.set_defaults(func=command("det predict")(cmd_predict))
 
     p = sub.add_parser("recipes", help="list the detection recipes")
-    p.set_defaults(func=cmd_recipes)
+    p.set_defaults(func=command("det recipes")(cmd_recipes))
     det.set_defaults(func=lambda a: (det.print_help(), 2)[1])
 
 

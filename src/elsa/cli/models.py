@@ -7,6 +7,8 @@ import json
 import timm
 import torch
 
+from ._common import command
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list registered ELSA models (params, GFLOPs, official top-1)",
@@ -16,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("pattern", nargs="?", default="elsa_*", help="timm name filter (default: elsa_*)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (faster)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=run)
+    p.set_defaults(func=command("models")(run))
 
 
 def describe(name: str, flops: bool = True) -> dict:
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     names = timm.list_models(args.pattern)
     if not names:
-        raise SystemExit(f"no registered model matches {args.pattern!r}")
+        raise ValueError(f"no registered model matches {args.pattern!r}")
     rows = [describe(n, flops=not args.no_flops) for n in names]
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from ._common import command
 
 
 def add_parser(subparsers) -> None:
@@ -27,28 +28,23 @@ def add_parser(subparsers) -> None:
     p.add_argument("--interpolation", default=None, help="resize interpolation (default: the model's)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=command("predict")(run))
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import CheckpointError
     from ..tools import (ToolError, checkpoint_classes, class_names, create_model_from_checkpoint, eval_transform,
                          predict, resolve_device)
 
-    try:
-        if args.topk < 1:
-            raise ToolError(f"--topk must be >= 1, got {args.topk}")
-        device = resolve_device(args.device)
-        model = create_model_from_checkpoint(args.model, args.checkpoint, num_classes=args.num_classes,
-                                             use_ema=args.use_ema, device=device)
-        names = class_names(model.num_classes, args.class_names)
-        if names is None:  # `elsa train` checkpoints remember their classes (e.g. the class folder names)
-            names = checkpoint_classes(args.checkpoint, model.num_classes)
-        _, transform = eval_transform(model, args.img_size, args.crop_pct, args.interpolation)
-        results = predict(model, args.images, transform, topk=args.topk, names=names, device=device, amp=args.amp)
-    except (ToolError, CheckpointError) as err:
-        print(f"elsa predict: error: {err}", file=sys.stderr)
-        return 2
+    if args.topk < 1:
+        raise ToolError(f"--topk must be >= 1, got {args.topk}")
+    device = resolve_device(args.device)
+    model = create_model_from_checkpoint(args.model, args.checkpoint, num_classes=args.num_classes,
+                                         use_ema=args.use_ema, device=device)
+    names = class_names(model.num_classes, args.class_names)
+    if names is None:  # `elsa train` checkpoints remember their classes (e.g. the class folder names)
+        names = checkpoint_classes(args.checkpoint, model.num_classes)
+    _, transform = eval_transform(model, args.img_size, args.crop_pct, args.interpolation)
+    results = predict(model, args.images, transform, topk=args.topk, names=names, device=device, amp=args.amp)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
         return 0

@@ -10,32 +10,13 @@ ROOT holds ADEChallengeData2016/images|annotations/training|validation (or is th
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 from pathlib import Path
 
+from ._common import command, float_list, int_pair, json_object, positive_int, recipe_overrides
+
 MODES = ("whole", "slide", "ms-flip")
-
-
-def _pair(text: str):
-    parts = [int(p) for p in text.replace("x", ",").split(",") if p]
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"expected N or H,W with positive integers, got {text!r}")
-    return tuple(parts)
-
-
-def _json_dict(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -43,22 +24,24 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA (default: float32, as the official runs)")
     hidden = argparse.SUPPRESS  # overrides for small runs and tests; not part of the documented interface
-    p.add_argument("--num-classes", type=int, default=None, help=hidden)
-    p.add_argument("--crop-size", type=_pair, default=None, help=hidden)
-    p.add_argument("--img-scale", type=_pair, default=None, help=hidden)
-    p.add_argument("--iters", type=int, default=None, help=hidden)
+    p.add_argument("--num-classes", type=positive_int, default=None, help=hidden)
+    p.add_argument("--crop-size", type=int_pair, default=None, help=hidden)
+    p.add_argument("--img-scale", type=int_pair, default=None, help=hidden)
+    p.add_argument("--iters", type=positive_int, default=None, help=hidden)
     p.add_argument("--backbone", default=None, help=hidden)
-    p.add_argument("--backbone-kwargs", type=_json_dict, default=None, help=hidden)
+    p.add_argument("--backbone-kwargs", type=json_object, default=None, help=hidden)
     p.add_argument("--head-channels", type=int, default=None, help=hidden)
     p.add_argument("--aux-channels", type=int, default=None, help=hidden)
     p.add_argument("--lr", type=float, default=None, help=hidden)
     p.add_argument("--warmup-iters", type=int, default=None, help=hidden)
-    p.add_argument("--batch-size", type=int, default=None, help=hidden)
+    p.add_argument("--batch-size", type=positive_int, default=None, help=hidden)
     p.add_argument("--ckpt-interval", type=int, default=None, help=hidden)
     p.add_argument("--eval-interval", type=int, default=None, help=hidden)
     p.add_argument("--log-interval", type=int, default=None, help=hidden)
-    p.add_argument("--ms-ratios", default=None, help=hidden)
+    p.add_argument("--ms-ratios", type=float_list, default=None, help=hidden)
     p.add_argument("--no-amp", action="store_true", help=hidden)
+    p.add_argument("--amp-dtype", choices=["float16", "bfloat16"], default=None,
+                   help="turn autocast on with this dtype (default float16, CUDA only; bfloat16 also on CPU)")
 
 
 def add_parser(subparsers) -> None:
@@ -75,7 +58,7 @@ def add_parser(subparsers) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--eval-mode", choices=MODES, default=None, help="evaluation mode during training (default whole)")
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute backbone activations (less memory)")
-    t.set_defaults(func=run_train)
+    t.set_defaults(func=command("seg train")(run_train))
     e = sub.add_parser("test", help="mIoU / aAcc / per-class IoU on the validation split")
     _add_common(e)
     e.add_argument("--checkpoint", required=True, help="our checkpoint, or an official mmseg one (state_dict)")
@@ -83,7 +66,7 @@ def add_parser(subparsers) -> None:
     e.add_argument("--mode", choices=MODES, default="whole", help="whole (default), slide (512 crops, stride 341) "
                                                                   "or ms-flip (ratios 0.5..1.75 + flip)")
     e.add_argument("--json", default=None, help="where to write the results (default: next to the checkpoint)")
-    e.set_defaults(func=run_test)
+    e.set_defaults(func=command("seg test")(run_test))
     q = sub.add_parser("predict", help="colour label map of one image, blended over it (PNG)")
     q.add_argument("image", metavar="IMAGE")
     _add_common(q)
@@ -91,52 +74,57 @@ def add_parser(subparsers) -> None:
     q.add_argument("--out", required=True, help="output PNG")
     q.add_argument("--mode", choices=MODES, default="whole")
     q.add_argument("--alpha", type=float, default=0.5, help="label-map opacity (default 0.5)")
-    q.set_defaults(func=run_predict)
+    q.set_defaults(func=command("seg predict")(run_predict))
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
-def _recipe(args: argparse.Namespace):
-    from ..dense.segmentation.recipes import get_recipe
+# flag (argparse dest) -> SegRecipe field; switches map to (field, value)
+RECIPE_FLAGS = {
+    "num_classes": "num_classes", "crop_size": "crop_size", "img_scale": "img_scale", "iters": "iters",
+    "backbone": "backbone", "head_channels": "channels", "aux_channels": "aux_channels", "lr": "lr",
+    "warmup_iters": "warmup_iters", "batch_size": "batch_per_gpu", "ckpt_interval": "ckpt_interval",
+    "eval_interval": "eval_interval", "log_interval": "log_interval", "ms_ratios": "ms_ratios",
+    "amp_dtype": "amp_dtype", "no_amp": ("amp", False), "amp": ("amp", True),
+}
+# the flags that may still change a checkpoint's stored recipe at test time (the architecture comes from the file)
+TEST_FLAGS = ("ms_ratios", "img_scale", "crop_size")
 
-    recipe = get_recipe(args.recipe)
-    changes = {}
-    for arg, field in (("num_classes", "num_classes"), ("crop_size", "crop_size"), ("img_scale", "img_scale"),
-                       ("iters", "iters"), ("backbone", "backbone"), ("head_channels", "channels"),
-                       ("aux_channels", "aux_channels"), ("lr", "lr"), ("warmup_iters", "warmup_iters"),
-                       ("batch_size", "batch_per_gpu"), ("ckpt_interval", "ckpt_interval"),
-                       ("eval_interval", "eval_interval"), ("log_interval", "log_interval")):
-        value = getattr(args, arg, None)
-        if value is not None:
-            changes[field] = value
-    if "crop_size" in changes:  # sliding-window test follows the training crop (official: 512 / stride 341)
+
+def _with_slide(changes: dict) -> dict:
+    """The sliding-window test follows the training crop (official: 512 / stride 341)."""
+    if "crop_size" in changes:
         crop = changes["crop_size"]
         changes["slide_crop"] = crop
         changes["slide_stride"] = (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
-    if getattr(args, "backbone_kwargs", None) is not None:
+    return changes
+
+
+def _recipe(args: argparse.Namespace):
+    """(recipe with the flags applied, whether any flag changed it)."""
+    from ..dense.segmentation.recipes import get_recipe
+
+    recipe = get_recipe(args.recipe)
+    changes = _with_slide(recipe_overrides(args, RECIPE_FLAGS))
+    if "backbone_kwargs" in vars(args) and args.backbone_kwargs is not None:
         changes["backbone_kwargs"] = dict(recipe.backbone_kwargs, **args.backbone_kwargs)
-    if getattr(args, "ms_ratios", None):
-        changes["ms_ratios"] = tuple(float(r) for r in args.ms_ratios.split(","))
-    if getattr(args, "no_amp", False) or getattr(args, "amp", False):
-        changes["amp"] = bool(getattr(args, "amp", False))
-    for name in ("iters", "batch_per_gpu", "num_classes"):
-        if name in changes and changes[name] < 1:
-            raise ValueError(f"--{name.replace('_per_gpu', '-size').replace('_', '-')} must be >= 1, "
-                             f"got {changes[name]}")
     return recipe.replace(**changes) if changes else recipe, bool(changes)
+
+
+def _recipe_over(recipe, args):
+    """Apply the test-time overrides (ratios, scale, crops) on top of a checkpoint's stored recipe."""
+    changes = _with_slide(recipe_overrides(args, {k: RECIPE_FLAGS[k] for k in TEST_FLAGS}))
+    changes.pop("crop_size", None)
+    return recipe.replace(**changes), bool(changes)
 
 
 def run_train(args: argparse.Namespace) -> int:
     from ..dense.segmentation import engine
 
-    try:
-        recipe, _ = _recipe(args)
-        result = engine.train(recipe, args.data, Path(args.output), pretrained=args.pretrained, resume=args.resume,
-                              workers=args.workers, seed=args.seed, eval_mode=args.eval_mode,
-                              device=args.device, grad_checkpointing=args.grad_checkpointing)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"elsa seg train: error: {err}", file=sys.stderr)
-        return 2
-    if "mIoU" in result and int(os.environ.get("RANK", "0")) == 0:
+    recipe, _ = _recipe(args)
+    result = engine.train(recipe, args.data, Path(args.output), pretrained=args.pretrained, resume=args.resume,
+                          workers=args.workers, seed=args.seed, eval_mode=args.eval_mode, device=args.device,
+                          grad_checkpointing=args.grad_checkpointing)
+    if "mIoU" in result and result["rank"] == 0:  # the runtime's rank: rank 0 alone reports
         print(f"final: mIoU {100 * result['mIoU']:.2f}  aAcc {100 * result['aAcc']:.2f}  "
               f"mAcc {100 * result['mAcc']:.2f}")
     return 0
@@ -145,23 +133,18 @@ def run_train(args: argparse.Namespace) -> int:
 def run_test(args: argparse.Namespace) -> int:
     from ..dense.segmentation import engine
     from ..dense.segmentation.data import ADE20KDataset
-    from ..distributed import init_distributed
-    from ..models import CheckpointError
+    from ..engine import init_runtime
 
-    try:
-        recipe, overridden = _recipe(args)
-        model, recipe = engine.load_segmentor(args.checkpoint, recipe)
-        if overridden:  # test-time settings may still be changed (e.g. --ms-ratios); architecture comes from the file
-            recipe, _ = _recipe_over(recipe, args)
-        info = init_distributed(args.device)  # an explicit --device wins over the rank's default
-        device = info.device
-        model.to(device)
-        dataset = ADE20KDataset(args.data, "validation")
-        result = engine.evaluate(model, dataset, recipe, mode=args.mode, device=device, info=info, progress=True)
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
-        print(f"elsa seg test: error: {err}", file=sys.stderr)
-        return 2
-    if info.is_main:
+    recipe, overridden = _recipe(args)
+    model, recipe = engine.load_segmentor(args.checkpoint, recipe)
+    if overridden:  # test-time settings may still be changed (e.g. --ms-ratios); architecture comes from the file
+        recipe, _ = _recipe_over(recipe, args)
+    runtime = init_runtime(args.device)  # an explicit --device wins over the rank's default
+    model.to(runtime.device)
+    dataset = ADE20KDataset(args.data, "validation")
+    result = engine.evaluate(model, dataset, recipe, mode=args.mode, device=runtime.device, runtime=runtime,
+                             progress=True)
+    if runtime.is_main:
         print(engine.format_table(result))
         out = Path(args.json) if args.json else Path(args.checkpoint).with_suffix(f".{args.mode}.json")
         result.update(checkpoint=str(args.checkpoint), recipe=recipe.name)
@@ -170,49 +153,32 @@ def run_test(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recipe_over(recipe, args):
-    """Apply the test-time overrides (ratios, scale, crops) on top of a checkpoint's stored recipe."""
-    changes = {}
-    if getattr(args, "ms_ratios", None):
-        changes["ms_ratios"] = tuple(float(r) for r in args.ms_ratios.split(","))
-    if getattr(args, "img_scale", None):
-        changes["img_scale"] = args.img_scale
-    if getattr(args, "crop_size", None):
-        crop = args.crop_size
-        changes["slide_crop"] = crop
-        changes["slide_stride"] = (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
-    return recipe.replace(**changes), bool(changes)
-
-
 def run_predict(args: argparse.Namespace) -> int:
+    import numpy as np
     from PIL import Image
 
     from ..dense.segmentation import engine
-    from ..distributed import resolve_device
-    from ..io import atomic_write
-    from ..models import CheckpointError
-
-    try:
-        if not Path(args.image).is_file():
-            raise FileNotFoundError(f"IMAGE: no such file {args.image}")
-        if not args.out.lower().endswith(".png"):
-            raise ValueError(f"--out must be a .png file, got {args.out}")
-        recipe, overridden = _recipe(args)
-        model, recipe = engine.load_segmentor(args.checkpoint, recipe)
-        if overridden:
-            recipe, _ = _recipe_over(recipe, args)
-        device = resolve_device(args.device)  # default: cuda:0 when available, else cpu
-        model.to(device)
-        rgb, pred = engine.predict_image(model, recipe, args.image, mode=args.mode, device=device)
-        overlay = engine.render_overlay(rgb, pred, recipe.num_classes, alpha=args.alpha)
-    except (ValueError, FileNotFoundError, OSError, CheckpointError) as err:
-        print(f"elsa seg predict: error: {err}", file=sys.stderr)
-        return 2
-    atomic_write(args.out, lambda tmp: Image.fromarray(overlay).save(tmp, format="PNG"))
-    import numpy as np
-
     from ..dense.segmentation.ade20k_meta import ADE20K_CLASSES
+    from ..dense.segmentation.visualize import render_overlay
+    from ..engine import resolve_device
+    from ..io import atomic_write
 
+    if not Path(args.image).is_file():
+        raise FileNotFoundError(f"IMAGE: no such file {args.image}")
+    if not args.out.lower().endswith(".png"):
+        raise ValueError(f"--out must be a .png file, got {args.out}")
+    recipe, overridden = _recipe(args)
+    model, recipe = engine.load_segmentor(args.checkpoint, recipe)
+    if overridden:
+        recipe, _ = _recipe_over(recipe, args)
+    device = resolve_device(args.device)  # default: cuda:0 when available, else cpu
+    model.to(device)
+    try:
+        rgb, pred = engine.predict_image(model, recipe, args.image, mode=args.mode, device=device)
+    except OSError as err:  # PIL: not an image
+        raise ValueError(f"IMAGE {args.image}: cannot be read as an image ({err})") from err
+    overlay = render_overlay(rgb, pred, recipe.num_classes, alpha=args.alpha)
+    atomic_write(args.out, lambda tmp: Image.fromarray(overlay).save(tmp, format="PNG"))
     classes, counts = np.unique(pred, return_counts=True)
     top = sorted(zip(counts.tolist(), classes.tolist()), reverse=True)[:5]
     names = ADE20K_CLASSES if recipe.num_classes == len(ADE20K_CLASSES) else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 from typing import Any, Dict
+from ._common import command
 
 _logger = logging.getLogger("elsa.train")
 
@@ -134,7 +135,7 @@ def add_parser(subparsers) -> None:
     _flag(g, "--max-steps-per-epoch", type=int, help=argparse.SUPPRESS)
     _flag(g, "--save-rank-params", help=argparse.SUPPRESS)
     _flag(g, "--sched-on-updates", type=lambda s: s.lower() in ("1", "true", "yes"), help=argparse.SUPPRESS)
-    p.set_defaults(func=run)
+    p.set_defaults(func=command("train")(run))
 
 
 def options_from_args(args: argparse.Namespace) -> Dict[str, Any]:
@@ -145,17 +146,9 @@ def options_from_args(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import DatasetError
-    from ..models._checkpoint import CheckpointError
     from ..train import build_config, train
 
-    try:
-        cfg = build_config(options_from_args(args))
-        result = train(cfg)
-    except (DatasetError, CheckpointError, ValueError, FileNotFoundError, ImportError) as err:
-        _logger.debug("details", exc_info=True)
-        _logger.error("%s", err)
-        return 2
+    result = train(build_config(options_from_args(args)))
     if result.run_dir is not None:
         _logger.info("best val top-1 %.2f%% (epoch %d); run folder %s", result.best_top1, result.best_epoch,
                      result.run_dir)

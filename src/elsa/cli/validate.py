@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+from ._common import command
+
 _logger = logging.getLogger("elsa.validate")
 
 
@@ -39,18 +41,11 @@ def add_parser(subparsers) -> None:
                    help="score only the first N images (quick checks; default: all)")
     p.add_argument("--results-file", default=None, help="also write the results as JSON to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=command("validate")(run))
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import CheckpointError
-    from ..tools import ToolError
-
-    try:
-        results = validate(args)
-    except (ToolError, CheckpointError) as err:
-        print(f"elsa validate: error: {err}", file=sys.stderr)
-        return 2
+    results = validate(args)
     print(f"{args.model}: top-1 {results['top1']:.3f}%  top-{results['topk']} {results['top5']:.3f}%  "
           f"loss {results['loss']:.4f}  ({results['num_images']} images, {results['images_per_s']:.1f} images/s)")
     return 0

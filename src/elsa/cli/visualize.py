@@ -7,8 +7,9 @@ Pixels are (y, x) in the model input, i.e. after resizing/cropping to the model'
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from ._common import command
 
 
 def _pixel(text: str) -> tuple[int, int]:
@@ -39,29 +40,24 @@ def add_parser(subparsers) -> None:
     p.add_argument("--use-ema", action="store_true", help="load the EMA weights of a training checkpoint")
     p.add_argument("--img-size", type=int, default=None, help="square input side (default: the model's)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=command("visualize")(run))
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import CheckpointError
     from ..tools import (ToolError, attention_maps, create_model_from_checkpoint, eval_transform, load_image,
                          parse_ints, plot_attention_maps, resolve_device)
 
-    try:
-        heads = parse_ints(args.heads, "--heads") if args.heads else None
-        device = resolve_device(args.device)
-        image = load_image(args.image)
-        model = create_model_from_checkpoint(args.model, args.checkpoint, num_classes=args.num_classes,
-                                             use_ema=args.use_ema, device=device)
-        cfg, transform = eval_transform(model, args.img_size)
-        maps = attention_maps(model, transform(image), block=args.block, pixels=args.pixels,
-                              mean=cfg["mean"], std=cfg["std"])
-        out = args.out or str(Path(args.image).with_name(Path(args.image).stem + "_attention.png"))
-        if not out.lower().endswith(".png"):
-            raise ToolError(f"--out: the figure is written as PNG; give a .png file name, got {out!r}")
-        plot_attention_maps(maps, out, heads=heads)
-    except (ToolError, CheckpointError) as err:
-        print(f"elsa visualize: error: {err}", file=sys.stderr)
-        return 2
+    heads = parse_ints(args.heads, "--heads") if args.heads else None
+    device = resolve_device(args.device)
+    image = load_image(args.image)
+    model = create_model_from_checkpoint(args.model, args.checkpoint, num_classes=args.num_classes,
+                                         use_ema=args.use_ema, device=device)
+    cfg, transform = eval_transform(model, args.img_size)
+    maps = attention_maps(model, transform(image), block=args.block, pixels=args.pixels,
+                          mean=cfg["mean"], std=cfg["std"])
+    out = args.out or str(Path(args.image).with_name(Path(args.image).stem + "_attention.png"))
+    if not out.lower().endswith(".png"):
+        raise ToolError(f"--out: the figure is written as PNG; give a .png file name, got {out!r}")
+    plot_attention_maps(maps, out, heads=heads)
     print(f"wrote {out} (block {maps.block}, pixels {', '.join(f'({y},{x})' for y, x in maps.pixels)})")
     return 0

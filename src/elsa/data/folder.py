@@ -93,16 +93,19 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 
 class SkipUnreadable(torch.utils.data.Dataset):
-    """Wraps a data set so that an unreadable sample is replaced by the next readable one.
+    """The one policy for unreadable samples (classification and segmentation): an unreadable sample is replaced
+    by the next readable one, warned about once per file, and counted.
 
-    Returns (image, target, skipped) where ``skipped`` counts the unreadable samples met for this item (usually 0);
-    ``collate_skipped`` sums them per batch. After ``max_retries`` unreadable samples in a row it raises, since
-    then the data, not one file, is broken.
+    Items: a tuple item comes back as (*item, skipped), a dict item as {**item, "skipped": skipped}, where
+    ``skipped`` counts the unreadable samples met for this item (usually 0); the collate functions sum them per
+    batch and the engine per epoch. After ``max_retries`` unreadable samples in a row it raises, since then the
+    data, not one file, is broken.
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, max_retries: int = 20) -> None:
         self.dataset = dataset
         self.max_retries = max_retries
+        self.warned: set = set()  # per process (each DataLoader worker warns once per file it meets)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -117,14 +120,17 @@ class SkipUnreadable(torch.utils.data.Dataset):
         first_error = None
         for _ in range(self.max_retries):
             try:
-                img, target = self.dataset[index]
-                return img, target, skipped
+                item = self.dataset[index]
             except SAMPLE_ERRORS as err:
                 skipped += 1
                 first_error = first_error or err
                 name = self.dataset.filename(index) if hasattr(self.dataset, "filename") else f"index {index}"
-                _logger.warning("skipped unreadable sample %s: %s", name, err)
+                if name not in self.warned:
+                    self.warned.add(name)
+                    _logger.warning("skipped unreadable sample %s: %s", name, err)
                 index = (index + 1) % len(self.dataset)
+                continue
+            return dict(item, skipped=skipped) if isinstance(item, dict) else (*item, skipped)
         raise RuntimeError(f"{self.max_retries} unreadable samples in a row (first error: {first_error}); "
                            f"the data set looks broken")
 

@@ -13,7 +13,7 @@ from typing import List, Sequence, Union
 import torch.nn as nn
 from torch import Tensor
 
-from ..models._checkpoint import LoadReport, fit_state_dict, read_state_dict, unwrap_state_dict
+from ..checkpoint import LoadReport, fit_state_dict, read_state_dict, unwrap_state_dict
 from ..models.elsa_swin import MODEL_ARGS, ELSASwin
 
 _logger = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """Detection / instance-segmentation recipes: the official ELSA-Swin COCO configs (det/configs/elsa_swin/*.py)
-as plain values, plus two tiny recipes for tests and laptops.
+as plain values; a custom recipe (e.g. a tiny detector for tests) is given as a JSON file of its fields.
 
 Why a dataclass and not YAML: every field has a type and a default taken from the official mmdetection base
 config, and one recipe differs from another in a handful of fields (backbone, drop-path, schedule, detector);
@@ -7,16 +7,19 @@ config, and one recipe differs from another in a handful of fields (backbone, dr
 """
 from __future__ import annotations
 
-import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
+
+from ..engine.recipe import Recipe
 
 # mmdetection's Resize img_scale list of the official train pipeline: short side 480..800 step 32, long side <= 1333.
 MULTI_SCALES: Tuple[int, ...] = tuple(range(480, 801, 32))
 
 
-@dataclass
-class DetRecipe:
+@dataclass(frozen=True)
+class DetRecipe(Recipe):
     """Everything ``elsa det`` needs to build, train and test one detector."""
 
     name: str = "custom"
@@ -90,32 +93,9 @@ class DetRecipe:
     batch_size: int = 2  # per GPU (samples_per_gpu); the official runs use 8 GPUs -> 16 images per step
     workers: int = 2
     amp: bool = True  # fp16 autocast + loss scaling on CUDA (the official DistOptimizerHook use_fp16=True)
+    amp_dtype: str = "float16"  # "bfloat16": bf16 autocast, also on CPU (no loss scaling needed)
     # quick-run overrides: total iterations instead of epochs (lr steps scaled to the same fractions)
     max_iters: Optional[int] = None
-
-    def replace(self, **changes: Any) -> "DetRecipe":
-        """A copy with some fields changed; unknown names raise (typos must not pass silently)."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - names)
-        if unknown:
-            raise ValueError(f"unknown DetRecipe field(s) {unknown}; expected some of {sorted(names)}")
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "DetRecipe":
-        """Inverse of ``to_dict`` (lists from JSON/YAML become tuples again)."""
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        out = {}
-        for k, v in d.items():
-            if k not in names:
-                raise ValueError(f"unknown DetRecipe field {k!r}")
-            if isinstance(v, list):
-                v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
-            out[k] = v
-        return cls(**out)
 
 
 def _official(arch: str, size: str, schedule: str) -> DetRecipe:
@@ -147,27 +127,22 @@ for _arch in ("mask_rcnn", "cascade_mask_rcnn"):
             _r = _official(_arch, _size, _sched)
             RECIPES[_r.name] = _r
 
-# Tiny recipes: a 4-stage ELSA-Swin with 16 channels, small heads and 64..96 px images; CPU tests and smoke runs.
-_TINY_BACKBONE = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), group_width=4, elsa_kernel=3,
-                      window_size=4)
-RECIPES["mask_rcnn_tiny_test"] = DetRecipe(
-    name="mask_rcnn_tiny_test", backbone="elsa_swin_tiny", backbone_kwargs=_TINY_BACKBONE, drop_path_rate=0.0,
-    num_classes=2, fpn_channels=32, anchor_sizes=(8, 16, 32, 64, 128), rpn_pre_nms_top_n_train=300,
-    rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100,
-    rpn_batch_size_per_image=64, representation_size=128, box_batch_size_per_image=64, mask_head_channels=32,
-    mask_head_convs=2, train_scales=(64, 72, 80, 88, 96), max_size=160, crop_prescales=(64, 80, 96),
-    crop_size=(48, 96), detr_crop=False, test_size=(80, 160), lr=1e-3, weight_decay=0.05, epochs=12,
-    warmup_iters=20, batch_size=4, workers=0, amp=False)
-RECIPES["cascade_mask_rcnn_tiny_test"] = RECIPES["mask_rcnn_tiny_test"].replace(
-    name="cascade_mask_rcnn_tiny_test", arch="cascade_mask_rcnn", box_head="4conv1fc", rpn_post_nms_top_n_train=100,
-    rpn_box_loss="smooth_l1", rpn_allowed_border=0)
-
-
 def get_recipe(name: str, **overrides: Any) -> DetRecipe:
-    """The named recipe with ``overrides`` applied (e.g. ``num_classes=3``, ``max_iters=100``)."""
-    if name not in RECIPES:
-        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {name!r}")
-    return RECIPES[name].replace(**overrides) if overrides else RECIPES[name]
+    """The named recipe, or the recipe of a ``.json`` file (``DetRecipe.to_dict()`` of a custom detector), with
+    ``overrides`` applied (e.g. ``num_classes=3``, ``max_iters=100``)."""
+    if name.endswith(".json"):
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"--recipe: no recipe file {name!r}")
+        try:
+            recipe = DetRecipe.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError, ValueError) as err:
+            raise ValueError(f"--recipe file {name!r} is not a DetRecipe: {err}") from err
+    elif name in RECIPES:
+        recipe = RECIPES[name]
+    else:
+        raise ValueError(f"--recipe must be one of {sorted(RECIPES)} or a .json recipe file, got {name!r}")
+    return recipe.replace(**overrides) if overrides else recipe
 
 
 def list_recipes() -> List[str]:

@@ -10,7 +10,8 @@
 
 A backend is picked automatically from the tensors' device, or forced with ``backend=`` or the
 ``ELSA_BACKEND`` environment variable (read at call time). A forced backend that cannot run raises with
-the reason; automatic selection skips it and logs the reason once.
+the reason; automatic selection skips it and logs the reason once. While an ONNX exporter traces, the operator is
+written in standard ops instead (``decomposed``), whatever the backend.
 
 With ``num_heads=G`` both entry points are head-aware: ``v`` is (B, G*C, H, W) and the attention
 (B, G*K*K, Ho, Wo), as a projection writes them (channels-last strides are read as they are), and the ghosts
@@ -26,7 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import native, reference
+from . import decomposed, native, reference
 from ._checks import check_aggregate_args, output_size
 from .cpp import op as _cpp_op  # noqa: F401 - registers elsa::cpp_aggregate (nothing is built until it runs)
 
@@ -125,6 +126,11 @@ def select_backend(v: Tensor, backend: Optional[str] = None) -> Backend:
 def _run(v: Tensor, attn: Tensor, ghost_mul: Optional[Tensor], ghost_add: Optional[Tensor], kernel_size: int,
          dilation: int, stride: int, num_heads: Optional[int], softmax: bool, backend: Optional[str]) -> Tensor:
     """Dispatch checked arguments to the chosen backend, adapting between the flat and the head-aware forms."""
+    if torch.onnx.is_in_onnx_export():  # ONNX knows no custom op: standard ops only (ops/decomposed.py)
+        if num_heads is None:
+            ghost_mul, ghost_add = (None if g is None else g.unsqueeze(1) for g in (ghost_mul, ghost_add))
+        return decomposed.aggregate(v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride, num_heads or 1,
+                                    softmax)
     chosen = select_backend(v, backend)
     if chosen.heads_aggregate is not None:
         if num_heads is None:  # flat form: one head per sample, ghosts per sample

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -14,26 +13,17 @@ import torch.nn as nn
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
 
-from .. import distributed
-from ..models import CheckpointError, load_checkpoint, read_state_dict, unwrap_state_dict
+from ..checkpoint import CheckpointError, has_ema, load_checkpoint, read_checkpoint, unwrap_state_dict
+from ..engine import Runtime, amp_dtype, resolve_device
 
 _logger = logging.getLogger(__name__)
 
-_EMA_KEYS = ("state_dict_ema", "model_ema")  # where timm-style training checkpoints keep EMA weights
 
 PathLike = Union[str, os.PathLike]
 
 
 class ToolError(ValueError):
     """Bad input to a tool (a missing file, an argument out of range); the message names the argument."""
-
-
-def resolve_device(device: Optional[str] = None) -> torch.device:
-    """``device`` as given, or CUDA when present, else CPU; a clear error for unknown or unavailable devices."""
-    try:
-        return distributed.resolve_device(device)
-    except ValueError as err:
-        raise ToolError(str(err)) from err
 
 
 def _classifier_rows(model_name: str, state_dict: dict) -> Optional[int]:
@@ -50,7 +40,7 @@ def _classifier_rows(model_name: str, state_dict: dict) -> Optional[int]:
 def infer_num_classes(model_name: str, checkpoint: PathLike, use_ema: bool = False) -> Optional[int]:
     """Classes of the checkpoint's classifier (rows of ``<classifier>.weight``), so official 1000-class files and
     our small-data checkpoints both load without ``--num-classes``; None when the file has no such tensor."""
-    return _classifier_rows(model_name, unwrap_state_dict(read_state_dict(checkpoint), use_ema=use_ema))
+    return _classifier_rows(model_name, unwrap_state_dict(read_checkpoint(checkpoint, "--checkpoint file"), use_ema=use_ema))
 
 
 def create_model_from_checkpoint(
@@ -70,11 +60,10 @@ def create_model_from_checkpoint(
         raise ToolError(f"--model: unknown model {model_name!r} (see `elsa models` or timm.list_models())")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise ToolError(f"--checkpoint: file {str(checkpoint)!r} does not exist")
-    if checkpoint is not None and num_classes is None:
-        raw = read_state_dict(checkpoint)
+    raw = read_checkpoint(checkpoint, "--checkpoint file") if checkpoint is not None else None  # read once
+    if raw is not None and num_classes is None:
         # Without EMA weights, load_checkpoint falls back to the regular ones (and warns once, there).
-        has_ema = isinstance(raw, dict) and any(isinstance(raw.get(k), dict) for k in _EMA_KEYS)
-        num_classes = _classifier_rows(model_name, unwrap_state_dict(raw, use_ema=use_ema and has_ema))
+        num_classes = _classifier_rows(model_name, unwrap_state_dict(raw, use_ema=use_ema and has_ema(raw)))
         if num_classes is not None:
             _logger.info("num_classes=%d, from the checkpoint's classifier", num_classes)
     if num_classes is not None:
@@ -82,8 +71,8 @@ def create_model_from_checkpoint(
             raise ToolError(f"--num-classes must be >= 0, got {num_classes}")
         model_kwargs["num_classes"] = num_classes
     model = timm.create_model(model_name, **model_kwargs)
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint, use_ema=use_ema)
+    if raw is not None:
+        load_checkpoint(model, raw, use_ema=use_ema)
     else:
         _logger.warning("no checkpoint given: %s has random weights", model_name)
     return model.to(device).eval()
@@ -114,7 +103,7 @@ def checkpoint_classes(checkpoint: PathLike, num_classes: int) -> Optional[list[
     folders), when there are ``num_classes`` of them; None for files without them (official, .safetensors)."""
     if Path(checkpoint).suffix == ".safetensors":
         return None
-    raw = read_state_dict(checkpoint)
+    raw = read_checkpoint(checkpoint, "--checkpoint file")
     classes = raw.get("classes") if isinstance(raw, dict) else None
     if isinstance(classes, (list, tuple)) and len(classes) == num_classes and all(isinstance(c, str) for c in classes):
         return list(classes)
@@ -159,15 +148,11 @@ def class_names(num_classes: int, class_names_file: Optional[PathLike] = None) -
     return None
 
 
-@dataclass
-class Autocast:
-    """Mixed precision for inference: float16 on CUDA, bfloat16 on CPU (the dtypes each has fast kernels for)."""
-    enabled: bool
-    device: torch.device
-
-    def __call__(self):
-        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        return torch.autocast(self.device.type, dtype=dtype, enabled=self.enabled)
+def Autocast(enabled: bool, device: torch.device):  # noqa: N802 - used like the class it replaced
+    """The autocast context factory for inference: the engine's policy with float16 on CUDA, bfloat16 on CPU (the
+    dtypes each has fast kernels for)."""
+    dtype = amp_dtype(enabled, device, "float16" if device.type == "cuda" else "bfloat16")
+    return Runtime(device=device, amp_dtype=dtype).autocast
 
 
 def parse_ints(text: str, name: str, count: Optional[int] = None) -> Sequence[int]:

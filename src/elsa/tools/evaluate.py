@@ -9,7 +9,6 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .common import Autocast, PathLike, ToolError
@@ -35,7 +34,6 @@ class EvalResult:
         return dict(asdict(self), images_per_s=self.images_per_s)
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader: Iterable,
@@ -43,46 +41,25 @@ def evaluate(
     amp: bool = False,
     wrap: Optional[Callable[[Iterable], Iterable]] = None,
 ) -> EvalResult:
-    """Run ``model`` over ``loader`` (batches of (images (B, 3, H, W), labels (B,))) and score it.
+    """Run ``model`` over ``loader`` (batches of (images (B, 3, H, W), labels (B,))) and score it with the loop
+    ``elsa train`` evaluates with (``elsa.train.evaluation.score``).
 
-    ``wrap`` decorates the batch iterator (the CLI passes a tqdm bar; library code stays silent). Logits are
-    scored in float32 so mixed precision changes only the forward pass."""
+    ``wrap`` decorates the batch iterator (the CLI passes a tqdm bar; library code stays silent)."""
+    from ..train.evaluation import score
+
     device = torch.device(device)
-    model.eval()
-    autocast = Autocast(amp, device)
-    # Sums stay on the device (no host sync per batch); labels are range-checked on the host (loader output).
-    correct1 = torch.zeros((), dtype=torch.int64, device=device)
-    correct5 = torch.zeros((), dtype=torch.int64, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    num_classes = topk = None
     start = time.perf_counter()
-    for images, labels in (wrap(loader) if wrap is not None else loader):
-        low, high = (int(labels.min()), int(labels.max())) if labels.numel() else (0, -1)
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        with autocast():
-            logits = model(images)
-        logits = logits.float()
-        if num_classes is None:
-            num_classes = logits.shape[-1]
-            topk = min(5, num_classes)
-        if low < 0 or high >= num_classes:
-            raise ToolError(f"the data has label {high if high >= num_classes else low} but the model has "
-                            f"{num_classes} classes (check --num-classes and that DATA's class folders match the "
-                            f"checkpoint's classes)")
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-        hit = logits.topk(topk, dim=1).indices == labels[:, None]
-        correct1 += hit[:, 0].sum()
-        correct5 += hit.any(dim=1).sum()
-        count += labels.numel()
+    try:
+        c = score(model, wrap(loader) if wrap is not None else loader, device, Autocast(amp, device))
+    except ValueError as err:
+        raise ToolError(str(err)) from err
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
-    if count == 0:
+    if c.count == 0:
         raise ToolError("the data set is empty: nothing to evaluate")
-    return EvalResult(top1=100.0 * int(correct1) / count, top5=100.0 * int(correct5) / count,
-                      loss=float(loss_sum) / count, num_images=count, time_s=elapsed, topk=topk or 5)
+    return EvalResult(top1=100.0 * c.correct1 / c.count, top5=100.0 * c.correctk / c.count,
+                      loss=c.loss_sum / c.count, num_images=c.count, time_s=elapsed, topk=c.topk)
 
 
 def resolve_split(data: PathLike, split: Optional[str] = None) -> Path:
@@ -100,16 +77,14 @@ def resolve_split(data: PathLike, split: Optional[str] = None) -> Path:
 
 
 def image_folder_dataset(root: PathLike, transform: Callable) -> Dataset:
-    """timm's ImageDataset over ``root`` (class folders sorted by name -> label index, as ImageNet's synsets)."""
-    from timm.data import ImageDataset
+    """The image folder at ``root`` read by the dataset class ``elsa train`` reads its folders with
+    (``elsa.data.ImageFolderDataset``: class folders in timm's natural order -> label index, as ImageNet's synsets)."""
+    from ..data import DatasetError, ImageFolderDataset
 
     try:
-        dataset = ImageDataset(str(root), transform=transform)
-    except Exception as err:  # timm raises RuntimeError/AssertionError for empty or odd folders
-        raise ToolError(f"DATA: cannot read {str(root)!r} as an image folder: {err}") from err
-    if len(dataset) == 0:
-        raise ToolError(f"DATA: {str(root)!r} holds no images")
-    return dataset
+        return ImageFolderDataset(root, transform=transform)
+    except DatasetError as err:
+        raise ToolError(f"DATA: {err}") from err
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int, device: Union[str, torch.device]) -> DataLoader:

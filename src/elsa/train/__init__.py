@@ -1,5 +1,5 @@
-"""The classification training engine (``elsa train``): timm data/optim/scheduler/EMA pieces, checked data,
-crash-safe checkpoints with full resume, DDP under torchrun, per-epoch metrics files.
+"""Classification training (``elsa train``) on ``elsa.engine``: timm data/optim/scheduler/EMA pieces, checked
+data, the loss and the per-epoch evaluation and metrics files; the loop, resume, AMP and DDP are the engine's.
 
 Public API: ``TrainConfig``, ``build_config`` (defaults < recipe < config file < flags), ``train(cfg)``,
 ``list_recipes``, ``load_recipe``, ``METRIC_COLUMNS``.

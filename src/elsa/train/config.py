@@ -163,7 +163,7 @@ _NOT_RESUMED = ("resume", "output", "experiment", "stop_after_epochs", "config",
 
 def resumed_options(path: os.PathLike) -> Dict[str, Any]:
     """The options stored in an ``elsa train`` checkpoint (so ``--resume FILE`` alone continues the same run)."""
-    from .checkpoint import load_training_checkpoint
+    from ..checkpoint import load_training_checkpoint
 
     args = load_training_checkpoint(path).get("args") or {}
     return {k: v for k, v in args.items() if k in FIELDS and k not in _NOT_RESUMED}

@@ -2,37 +2,34 @@
 
 Why timm's pieces (create_transform, Mixup, create_optimizer_v2, create_scheduler_v2, ModelEmaV3, its losses and
 ``accuracy``): they are what the official ELSA recipe was trained with, so the README flags mean the same here.
-What this module adds: checked data, crash-safe checkpoints with full resume (optimizer, scheduler, scaler, EMA,
-epoch, step, RNG), skipped-image counting, DDP with rank-0-only output, and the run folder layout:
+What this module adds: checked data, the loss and the per-epoch evaluation; the loop, AMP, DDP, resume and
+checkpoints are ``elsa.engine``'s. The run folder layout:
 
     RUN_DIR/args.yaml  metrics.jsonl  metrics.csv  last.pth  best.pth  model.safetensors  [events/]
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
-import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import yaml
 
+from ..checkpoint import load_training_checkpoint
 from ..data import (SkipUnreadable, build_train_transform, collate_skipped, create_dataset,
                     resolve_model_data_config)
 from ..data.token_label import TokenLabelDataset, TokenLabelTransform, collate_token_label
-from ..distributed import DistInfo, all_gather_object, all_reduce_sum, barrier, cleanup_distributed, init_distributed
+from ..engine import (CheckpointHook, Hook, ProgressHook, Runtime, StepOutput, Trainer, TrainState, cleanup_runtime,
+                      init_runtime, seed_everything, seed_worker)
 from ..io import atomic_write_text, save_safetensors
-from .checkpoint import get_rng_state, load_training_checkpoint, save_checkpoint, set_rng_state
 from .config import TrainConfig, validate_config
+from .evaluation import score
 from .metrics import MetricsLog, require_tensorboard
 from .token_label import ForwardTrain, TokenLabelLoss, check_token_label_model
 
@@ -47,13 +44,6 @@ class TrainResult:
     best_top1: float
     best_epoch: int
     last: Dict[str, Any]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
 
 
 def _plain(value: Any) -> Any:
@@ -75,11 +65,6 @@ def resolve_run_dir(cfg: TrainConfig, img_size: Optional[int] = None) -> Path:
     return Path(cfg.output or os.path.join("output", "train")) / name
 
 
-def _shard(n: int, info: DistInfo) -> List[int]:
-    """Evaluation indices of this rank: every sample exactly once over all ranks (no padding duplicates)."""
-    return list(range(info.rank, n, info.world_size))
-
-
 def build_datasets(cfg: TrainConfig):
     """Train and val data sets (checked before any model is built); val must have the training classes."""
     train_ds = create_dataset(cfg.data, "train", data_dir=cfg.data_dir, download=cfg.dataset_download,
@@ -91,19 +76,6 @@ def build_datasets(cfg: TrainConfig):
         raise ValueError(f"data {cfg.data!r}: the train ({len(train_ds)}) and val ({len(val_ds)}) splits must "
                          f"not be empty")
     return train_ds, val_ds
-
-
-def _amp_context(cfg: TrainConfig, device: torch.device):
-    """Autocast for --amp: bf16 or fp16 on CUDA (--amp-dtype), bf16 on CPU; a no-op context otherwise."""
-    if not cfg.amp:
-        return contextlib.nullcontext, None
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
-    else:
-        if cfg.amp_dtype != "bfloat16":
-            _logger.info("--amp on %s uses bfloat16 autocast (float16 autocast is a CUDA feature)", device.type)
-        dtype = torch.bfloat16
-    return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), dtype
 
 
 def _create_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
@@ -131,9 +103,9 @@ def _create_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
 def _load_initial_checkpoint(model: nn.Module, path: str) -> None:
     """Weights from a file (ours, official, timm-style); a classifier of another size is left at its init."""
-    from ..models._checkpoint import read_state_dict, unwrap_state_dict
+    from ..checkpoint import read_checkpoint, unwrap_state_dict
 
-    state = unwrap_state_dict(read_state_dict(path))
+    state = unwrap_state_dict(read_checkpoint(path, "--initial-checkpoint file"))
     own = model.state_dict()
     dropped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     for k in dropped:
@@ -141,13 +113,6 @@ def _load_initial_checkpoint(model: nn.Module, path: str) -> None:
     result = model.load_state_dict(state, strict=False)
     _logger.info("--initial-checkpoint %s: loaded; left at init (shape differs): %s; missing: %s; unexpected: %s",
                  path, dropped or "none", list(result.missing_keys) or "none", list(result.unexpected_keys) or "none")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP and/or ``ForwardTrain``."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, ForwardTrain)):
-        model = model.module
-    return model
 
 
 def _token_label_dataset(cfg: TrainConfig, train_ds, model: nn.Module, data_config: Dict[str, Any],
@@ -172,38 +137,53 @@ def _token_label_dataset(cfg: TrainConfig, train_ds, model: nn.Module, data_conf
     return dataset
 
 
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 def train(cfg: TrainConfig) -> TrainResult:
     """Run a whole training (single process or one rank of a torchrun job). Returns the final numbers."""
     validate_config(cfg)
-    info = init_distributed(cfg.device)
+    if cfg.apex_amp:
+        _logger.info("--apex-amp: NVIDIA apex is not used; mapped to native torch AMP (--amp)")
+        cfg.amp = True
+    runtime = init_runtime(cfg.device, amp=cfg.amp, amp_dtype_name=cfg.amp_dtype)
     try:
-        return _train(cfg, info)
+        return _train(cfg, runtime)
     finally:
-        cleanup_distributed()
+        cleanup_runtime()
 
 
-def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
+def _loss_fn(cfg: TrainConfig, num_classes: int, token_label: bool):
+    """(training loss, timm Mixup or None) for the options."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    mixing = cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None
+    if token_label:
+        if mixing:
+            _logger.info("token labeling: --mixup/--cutmix are off (VOLO uses mix-token instead)")
+        return TokenLabelLoss(num_classes, dense_weight=cfg.dense_weight, smoothing=cfg.smoothing), None
+    if mixing:
+        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
+                         prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                         label_smoothing=cfg.smoothing, num_classes=num_classes)
+        return SoftTargetCrossEntropy(), mixup_fn
+    if cfg.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.smoothing), None
+    return nn.CrossEntropyLoss(), None
+
+
+def _train(cfg: TrainConfig, runtime: Runtime) -> TrainResult:
+    from timm.data import create_transform
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
 
-    if not info.is_main:
+    if not runtime.is_main:
         _logger.setLevel(logging.WARNING)
-    device = info.device
+    device = runtime.device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.apex_amp:
-        _logger.info("--apex-amp: NVIDIA apex is not used; mapped to native torch AMP (--amp)")
-        cfg.amp = True
     if cfg.no_prefetcher:
         _logger.debug("--no-prefetcher: accepted; this engine always uses the plain torch DataLoader")
-    if cfg.log_tensorboard and info.is_main:
+    if cfg.log_tensorboard and runtime.is_main:
         require_tensorboard()  # fail before training, not after the first epoch
 
     # 1. data first: a wrong path or layout fails before any model is built
@@ -220,8 +200,6 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     seed_everything(cfg.seed)
     model = _create_model(cfg, num_classes)
     data_config = resolve_model_data_config(model, cfg.img_size, cfg.crop_pct, cfg.interpolation)
-    from timm.data import create_transform
-
     token_label = cfg.token_label_dir is not None
     if token_label:
         train_ds = _token_label_dataset(cfg, train_ds, model, data_config, num_classes)
@@ -235,19 +213,14 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
                                         interpolation=data_config["interpolation"], mean=data_config["mean"],
                                         std=data_config["std"], crop_pct=data_config["crop_pct"],
                                         crop_mode=data_config.get("crop_mode"))
-    if cfg.sync_bn and info.distributed:
-        if _has_batchnorm(model):
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            _logger.info("--sync-bn: BatchNorm layers converted to SyncBatchNorm")
-        else:
-            _logger.info("--sync-bn: the model has no BatchNorm; nothing to convert")
-    model.to(device)
+    train_model: nn.Module = ForwardTrain(model) if token_label else model
+    train_model = runtime.wrap(train_model, sync_bn=cfg.sync_bn)
     n_params = sum(p.numel() for p in model.parameters())
     _logger.info("model %s: %.2f M params, %d classes, input %s, train %d / val %d images",
                  cfg.model, n_params / 1e6, num_classes, tuple(data_config["input_size"]), len(train_ds), len(val_ds))
 
     # 3. optimisation
-    global_batch = cfg.batch_size * info.world_size
+    global_batch = cfg.batch_size * runtime.world_size
     lr = cfg.lr * global_batch / cfg.lr_base_size if cfg.lr_base_size else cfg.lr
     if cfg.lr_base_size:
         _logger.info("lr %.3g for global batch %d (recipe lr %.3g is for %d, scaled linearly)",
@@ -259,170 +232,87 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
         opt_kwargs["betas"] = tuple(cfg.opt_betas)
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
                                     momentum=cfg.momentum, **opt_kwargs)
-    autocast, amp_dtype = _amp_context(cfg, device)
-    scaler = torch.amp.GradScaler(device.type) if (amp_dtype == torch.float16 and device.type == "cuda") else None
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup) if cfg.model_ema else None
 
     # 4. loaders: DistributedSampler also for one process, so N ranks of batch b see the same global batches as
     #    one process of batch N*b (same seed and epoch)
-    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
+    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=runtime.world_size, rank=runtime.rank,
                                                   shuffle=True, seed=cfg.seed, drop_last=False)
     per_rank = len(sampler)
     if per_rank < cfg.batch_size:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {per_rank} training images per process "
-                         f"({len(train_ds)} images over {info.world_size} process(es))")
+                         f"({len(train_ds)} images over {runtime.world_size} process(es))")
     loader_kwargs = dict(num_workers=cfg.workers, pin_memory=cfg.pin_mem and device.type == "cuda",
-                         collate_fn=collate_skipped, persistent_workers=cfg.workers > 0)
+                         collate_fn=collate_skipped, persistent_workers=cfg.workers > 0, worker_init_fn=seed_worker)
     train_loader = torch.utils.data.DataLoader(SkipUnreadable(train_ds), batch_size=cfg.batch_size,
                                                sampler=sampler, drop_last=True,
                                                **dict(loader_kwargs, collate_fn=collate_token_label if token_label
                                                       else collate_skipped))
     val_loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(SkipUnreadable(val_ds), _shard(len(val_ds), info)),
+        torch.utils.data.Subset(SkipUnreadable(val_ds), runtime.shard(len(val_ds))),
         batch_size=cfg.validation_batch_size or cfg.batch_size, shuffle=False, **loader_kwargs)
     steps_per_epoch = len(train_loader)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
         decay_rate=cfg.decay_rate, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
         cooldown_epochs=cfg.cooldown_epochs, step_on_epochs=not cfg.sched_on_updates,
         updates_per_epoch=steps_per_epoch)
+    loss_fn, mixup_fn = _loss_fn(cfg, num_classes, token_label)
 
-    mixup_fn = None
-    if token_label:
-        if cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None:
-            _logger.info("token labeling: --mixup/--cutmix are off (VOLO uses mix-token instead)")
-        train_loss_fn: nn.Module = TokenLabelLoss(num_classes, dense_weight=cfg.dense_weight,
-                                                  smoothing=cfg.smoothing)
-    elif cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None:
-        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
-                         prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
-                         label_smoothing=cfg.smoothing, num_classes=num_classes)
-        train_loss_fn = SoftTargetCrossEntropy()
-    elif cfg.smoothing > 0:
-        train_loss_fn = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
-    else:
-        train_loss_fn = nn.CrossEntropyLoss()
-
-    # 5. resume
-    start_epoch, global_step, best_top1, best_epoch = 0, 0, -1.0, 0
+    # 5. train state; resume
+    state = TrainState(model, optimizer, scheduler, runtime.grad_scaler(), ema, extra={
+        "best_top1": -1.0, "best_epoch": 0, "arch": cfg.model, "num_classes": num_classes, "classes": classes,
+        "data_config": _plain(data_config), "args": _plain(cfg.to_dict())})
     if cfg.resume:
         ckpt = load_training_checkpoint(cfg.resume)
-        model.load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if "scheduler" in ckpt:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None:
-            if "state_dict_ema" in ckpt:
-                ema.module.load_state_dict(ckpt["state_dict_ema"])
-            else:
-                _logger.warning("--resume: the checkpoint has no EMA weights; EMA restarts from the model")
-                ema.set(model)
-        start_epoch = int(ckpt["epoch"])
-        global_step = int(ckpt.get("global_step", start_epoch * steps_per_epoch))
-        best_top1 = float(ckpt.get("best_top1", -1.0))
-        best_epoch = int(ckpt.get("best_epoch", 0))
-        rng = ckpt.get("rng") or []
-        if len(rng) == info.world_size:
-            set_rng_state(rng[info.rank])
-        else:
-            _logger.warning("--resume: RNG states saved for %d process(es), running %d; reseeding",
-                            len(rng), info.world_size)
-            seed_everything(cfg.seed + info.rank + 1000 * start_epoch)
-        _logger.info("resumed %s: %d epoch(s) done, step %d, best top-1 %.2f", cfg.resume, start_epoch,
-                     global_step, best_top1)
+        if not state.load_state_dict(ckpt, runtime):
+            seed_everything(cfg.seed + runtime.rank + 1000 * state.epoch)
+        if "iteration" not in ckpt:
+            state.iteration = state.epoch * steps_per_epoch
+        state.extra.update(best_top1=float(ckpt.get("best_top1", -1.0)), best_epoch=int(ckpt.get("best_epoch", 0)))
+        _logger.info("resumed %s: %d epoch(s) done, step %d, best top-1 %.2f", cfg.resume, state.epoch,
+                     state.iteration, state.extra["best_top1"])
     else:
-        seed_everything(cfg.seed + info.rank)  # different augmentation on each rank
-    scheduler.step(start_epoch)
-
-    train_model: nn.Module = ForwardTrain(model) if token_label else model
-    if info.distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        seed_everything(cfg.seed + runtime.rank)  # different augmentation on each rank
+    start_epoch = state.epoch
 
     # 6. run folder (rank 0 only writes)
-    run_dir = resolve_run_dir(cfg, data_config["input_size"][-1]) if info.is_main else None
+    run_dir = resolve_run_dir(cfg, data_config["input_size"][-1]) if runtime.is_main else None
     log = None
-    if info.is_main:
+    if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        args_text = yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
-        atomic_write_text(run_dir / "args.yaml", args_text)
+        atomic_write_text(run_dir / "args.yaml", yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
         log = MetricsLog(run_dir, tensorboard=cfg.log_tensorboard, start_epoch=start_epoch)
         _logger.info("run folder %s; %d epoch(s) of %d step(s), global batch %d, %d process(es)", run_dir,
-                     num_epochs, steps_per_epoch, global_batch, info.world_size)
+                     num_epochs, steps_per_epoch, global_batch, runtime.world_size)
 
-    last: Dict[str, Any] = {}
+    def step(net: nn.Module, batch) -> StepOutput:
+        images, targets, n_skipped = batch
+        images = images.to(device, non_blocking=True)
+        if isinstance(targets, (tuple, list)):  # token labeling: (class indices, dense targets)
+            targets = tuple(t.to(device, non_blocking=True) for t in targets)
+        else:
+            targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+        return StepOutput({"loss": loss_fn(net(images), targets)}, images.shape[0], n_skipped)
+
+    epoch_hook = _EpochEnd(cfg, runtime, val_loader, log, mixup_fn, num_epochs)
     end_epoch = num_epochs if not cfg.stop_after_epochs else min(num_epochs, start_epoch + cfg.stop_after_epochs)
-    for epoch in range(start_epoch, end_epoch):
-        sampler.set_epoch(epoch)
-        if mixup_fn is not None and cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch:
-            mixup_fn.mixup_enabled = False
-        t0 = time.perf_counter()
-        train_stats, global_step = train_one_epoch(
-            epoch, num_epochs, train_model, train_loader, steps_per_epoch, optimizer, scheduler, train_loss_fn,
-            autocast, scaler, ema, mixup_fn, cfg, info, global_step)
-        val_stats = evaluate(model, val_loader, autocast, device, info)
-        row: Dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": train_stats["loss"],
-            "val_loss": val_stats["loss"],
-            "val_top1": val_stats["top1"],
-            "val_top5": val_stats["top5"],
-            "lr": train_stats["lr"],
-            "images_per_s": train_stats["images_per_s"],
-            "skipped_images": int(train_stats["skipped"] + val_stats["skipped"]),
-        }
-        metric = val_stats["top1"]
-        if ema is not None:
-            ema_stats = evaluate(ema.module, val_loader, autocast, device, info)
-            row.update(val_loss_ema=ema_stats["loss"], val_top1_ema=ema_stats["top1"], val_top5_ema=ema_stats["top5"])
-            metric = ema_stats["top1"]  # as timm: with EMA, the EMA weights are the ones kept as best
-        is_best = metric > best_top1
-        if is_best:
-            best_top1, best_epoch = metric, epoch + 1
-        row["epoch_time_s"] = time.perf_counter() - t0
-        rng_states = all_gather_object(get_rng_state(), info)
-        if info.is_main:
-            log.add(row)
-            ckpt = {
-                "state_dict": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch + 1,
-                "global_step": global_step,
-                "best_top1": best_top1,
-                "best_epoch": best_epoch,
-                "rng": rng_states,
-                "arch": cfg.model,
-                "num_classes": num_classes,
-                "classes": classes,
-                "data_config": _plain(data_config),
-                "args": _plain(cfg.to_dict()),
-            }
-            if scaler is not None:
-                ckpt["scaler"] = scaler.state_dict()
-            if ema is not None:
-                ckpt["state_dict_ema"] = ema.module.state_dict()
-            save_checkpoint(ckpt, run_dir / "last.pth")
-            if is_best:
-                save_checkpoint(ckpt, run_dir / "best.pth")
-            _logger.info("epoch %d/%d: train loss %.4f | val loss %.4f top-1 %.2f top-5 %.2f%s | lr %.3g | "
-                         "%.0f img/s | %.1f s%s", epoch + 1, num_epochs, row["train_loss"], row["val_loss"],
-                         row["val_top1"], row["val_top5"],
-                         f" (EMA top-1 {row['val_top1_ema']:.2f})" if ema is not None else "", row["lr"],
-                         row["images_per_s"], row["epoch_time_s"],
-                         f" | skipped {row['skipped_images']} unreadable image(s)" if row["skipped_images"] else "")
-        last = row
-        barrier(info)
+    hooks = [ProgressHook(cfg.progress, per_epoch=True, epoch_steps=steps_per_epoch), epoch_hook]
+    folder = Path(run_dir or ".")  # rank 0's; the other ranks only take part in gathering the RNG states
+    hooks.append(CheckpointHook(folder / "last.pth", every_epochs=1, best_path=folder / "best.pth",
+                                is_best=lambda t: epoch_hook.is_best))
+    Trainer(runtime, state, train_model, train_loader, step, max_epochs=num_epochs, stop_epoch=end_epoch,
+            steps_per_epoch=steps_per_epoch, clip_grad=cfg.clip_grad, clip_mode=cfg.clip_mode, hooks=hooks).fit()
 
-    if end_epoch < num_epochs:
+    best_top1, best_epoch = state.extra["best_top1"], state.extra["best_epoch"]
+    if state.epoch < num_epochs:
         _logger.info("--stop-after-epochs %d: stopping after epoch %d of %d; continue with --resume %s",
-                     cfg.stop_after_epochs, end_epoch, num_epochs, (run_dir or Path(".")) / "last.pth")
-    elif info.is_main:
+                     cfg.stop_after_epochs, state.epoch, num_epochs, (run_dir or Path(".")) / "last.pth")
+    elif runtime.is_main:
         meta = {"arch": cfg.model, "num_classes": str(num_classes), "epochs": str(num_epochs)}
         save_safetensors(model.state_dict(), run_dir / "model.safetensors", metadata=meta)
         if ema is not None:
@@ -434,98 +324,65 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     if cfg.save_rank_params:
         out = Path(cfg.save_rank_params)
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / f"rank{info.rank}.pt")
-    barrier(info)
-    return TrainResult(run_dir, end_epoch, best_top1, best_epoch, last)
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / f"rank{runtime.rank}.pt")
+    runtime.barrier()
+    return TrainResult(run_dir, state.epoch, best_top1, best_epoch, epoch_hook.last)
 
 
-def train_one_epoch(epoch: int, num_epochs: int, model: nn.Module, loader, steps: int, optimizer, scheduler,
-                    loss_fn: nn.Module, autocast, scaler, ema, mixup_fn, cfg: TrainConfig, info: DistInfo,
-                    global_step: int) -> Tuple[Dict[str, float], int]:
-    """One pass over the training loader (at most ``steps`` batches). Returns reduced stats and the new step."""
-    from timm.utils import dispatch_clip_grad
-    from tqdm import tqdm
+class _EpochEnd(Hook):
+    """Classification's part of each epoch: mixup switched off at --mixup-off-epoch; after the epoch, evaluation
+    (and of the EMA weights), the best top-1 (EMA's when there is one, as timm), the metrics row and summary."""
 
-    model.train()
-    device = info.device
-    loss_sum, n_steps, n_images, skipped = 0.0, 0, 0, 0
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{num_epochs}", disable=not (info.is_main and cfg.progress),
-               dynamic_ncols=True, mininterval=1.0, leave=False)
-    t0 = time.perf_counter()
-    for images, targets, n_skipped in loader:
-        images = images.to(device, non_blocking=True)
-        if isinstance(targets, (tuple, list)):  # token labeling: (class indices, dense targets)
-            targets = tuple(t.to(device, non_blocking=True) for t in targets)
-        else:
-            targets = targets.to(device, non_blocking=True)
-        skipped += n_skipped
-        if mixup_fn is not None:
-            images, targets = mixup_fn(images, targets)
-        with autocast():
-            output = model(images)
-            loss = loss_fn(output, targets)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {global_step}; lower --lr "
-                                     f"or use --clip-grad")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if cfg.clip_grad:
-                scaler.unscale_(optimizer)
-                dispatch_clip_grad(model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if cfg.clip_grad:
-                dispatch_clip_grad(model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
-            optimizer.step()
-        global_step += 1
-        if ema is not None:
-            ema.update(_unwrap(model), step=global_step)
-        scheduler.step_update(num_updates=global_step)
-        loss_value = loss.item()
-        loss_sum += loss_value
-        n_steps += 1
-        n_images += images.shape[0]
-        lr = optimizer.param_groups[0]["lr"]
-        elapsed = time.perf_counter() - t0
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
-                        img_s=f"{n_images * info.world_size / max(elapsed, 1e-9):.0f}", refresh=False)
-        bar.update(1)
-        if n_steps >= steps:
-            break
-    bar.close()
-    elapsed = time.perf_counter() - t0
-    loss_sum, n_steps_all, n_images_all, skipped = all_reduce_sum([loss_sum, n_steps, n_images, skipped], info)
-    scheduler.step(epoch + 1)
-    return {
-        "loss": loss_sum / max(n_steps_all, 1),
-        "lr": optimizer.param_groups[0]["lr"],
-        "images_per_s": n_images_all / max(elapsed, 1e-9),
-        "skipped": skipped,
-    }, global_step
+    def __init__(self, cfg: TrainConfig, runtime: Runtime, val_loader, log: Optional[MetricsLog], mixup_fn,
+                 num_epochs: int) -> None:
+        self.cfg, self.runtime, self.val_loader, self.log, self.mixup_fn = cfg, runtime, val_loader, log, mixup_fn
+        self.num_epochs = num_epochs
+        self.is_best = False
+        self.last: Dict[str, Any] = {}
+
+    def before_epoch(self, trainer: Trainer) -> None:
+        if self.mixup_fn is not None and self.cfg.mixup_off_epoch and trainer.state.epoch >= self.cfg.mixup_off_epoch:
+            self.mixup_fn.mixup_enabled = False
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        st, stats = trainer.state, trainer.epoch_stats
+        t0 = time.perf_counter()
+        val = evaluate(st.model, self.val_loader, self.runtime)
+        row: Dict[str, Any] = {
+            "epoch": st.epoch, "train_loss": stats["loss"], "val_loss": val["loss"], "val_top1": val["top1"],
+            "val_top5": val["top5"], "lr": stats["lr"], "images_per_s": stats["samples_per_s"],
+            "skipped_images": int(stats["skipped"] + val["skipped"])}
+        metric = val["top1"]
+        if st.ema is not None:
+            ema_val = evaluate(st.ema.module, self.val_loader, self.runtime)
+            row.update(val_loss_ema=ema_val["loss"], val_top1_ema=ema_val["top1"], val_top5_ema=ema_val["top5"])
+            metric = ema_val["top1"]  # as timm: with EMA, the EMA weights are the ones kept as best
+        self.is_best = metric > st.extra["best_top1"]
+        if self.is_best:
+            st.extra.update(best_top1=metric, best_epoch=st.epoch)
+        row["epoch_time_s"] = stats["seconds"] + time.perf_counter() - t0  # training and evaluation
+        if self.log is not None:
+            self.log.add(row)
+            _logger.info("epoch %d/%d: train loss %.4f | val loss %.4f top-1 %.2f top-5 %.2f%s | lr %.3g | "
+                         "%.0f img/s | %.1f s%s", st.epoch, self.num_epochs, row["train_loss"], row["val_loss"],
+                         row["val_top1"], row["val_top5"],
+                         f" (EMA top-1 {row['val_top1_ema']:.2f})" if st.ema is not None else "", row["lr"],
+                         row["images_per_s"], row["epoch_time_s"],
+                         f" | skipped {row['skipped_images']} unreadable image(s)" if row["skipped_images"] else "")
+        self.last = row
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, autocast, device: torch.device, info: DistInfo) -> Dict[str, float]:
-    """Loss, top-1 and top-5 (percent) over this rank's shard, summed over all ranks."""
-    from timm.utils import accuracy
+def evaluate(model: nn.Module, loader, runtime: Runtime) -> Dict[str, float]:
+    """Loss, top-1 and top-5 (percent) over this rank's shard, summed over all ranks; unreadable images counted."""
+    skipped = 0
 
-    model.eval()
-    loss_sum, top1, top5, n, skipped = 0.0, 0.0, 0.0, 0, 0
-    for images, targets, n_skipped in loader:
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with autocast():
-            output = model(images)
-        output = output.float()
-        loss_sum += F.cross_entropy(output, targets, reduction="sum").item()
-        acc1, acc5 = accuracy(output, targets, topk=(1, min(5, output.shape[1])))
-        top1 += acc1.item() * targets.shape[0] / 100.0
-        top5 += acc5.item() * targets.shape[0] / 100.0
-        n += targets.shape[0]
-        skipped += n_skipped
-    loss_sum, top1, top5, n, skipped = all_reduce_sum([loss_sum, top1, top5, n, skipped], info)
+    def batches():
+        nonlocal skipped
+        for images, targets, n_skipped in loader:
+            skipped += n_skipped
+            yield images, targets
+
+    c = score(model, batches(), runtime.device, runtime.autocast)
+    loss_sum, top1, top5, n, skipped = runtime.all_reduce_sum([c.loss_sum, c.correct1, c.correctk, c.count, skipped])
     n = max(n, 1)
     return {"loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "skipped": skipped}

@@ -247,8 +247,9 @@ class TrainTransform:
 class ADE20KDataset(torch.utils.data.Dataset):
     """ADE20K split. Items: dict(img, label, path) — with ``transform`` the transformed training pair; without, the
     normalised full-size image (3, H, W) and the reduced label (H, W) for evaluation. An unreadable image or
-    annotation gives ``None`` (logged), which :func:`collate_skip` drops and counts, so one bad file never stops a run.
-    Images without an annotation are left out at scan time and listed in ``skipped``."""
+    annotation raises (OSError/ValueError): training wraps the set in ``elsa.data.SkipUnreadable`` (replaced, warned
+    once, counted), evaluation skips and counts it. Images without an annotation are left out at scan time and
+    listed in ``skipped``."""
 
     def __init__(self, root: Union[str, os.PathLike], split: str = "training",
                  transform: Optional[TrainTransform] = None) -> None:
@@ -262,13 +263,12 @@ class ADE20KDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> Optional[Dict[str, object]]:
+    def filename(self, index: int) -> str:
+        return str(self.pairs[index][0])
+
+    def __getitem__(self, index: int) -> Dict[str, object]:
         img_path, ann_path = self.pairs[index]
-        try:
-            img, raw = load_pair(img_path, ann_path)
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these on truncated/corrupt files
-            _logger.warning("skipping unreadable sample %s: %s", img_path, exc)
-            return None
+        img, raw = load_pair(img_path, ann_path)
         label = reduce_zero_label(raw)
         if self.transform is not None:
             x, y = self.transform(img, label)
@@ -277,19 +277,12 @@ class ADE20KDataset(torch.utils.data.Dataset):
         return {"img": x, "label": y, "path": str(img_path)}
 
 
-def collate_skip(batch: List[Optional[Dict[str, object]]]) -> Dict[str, object]:
-    """Stack the good samples; ``skipped`` counts the ``None`` ones (unreadable files)."""
+def collate_skip(batch: List[Dict[str, object]]) -> Dict[str, object]:
+    """Stack the samples of ``SkipUnreadable(ADE20KDataset)``; ``skipped`` sums the unreadable files met."""
     good = [b for b in batch if b is not None]
-    out: Dict[str, object] = {"skipped": len(batch) - len(good), "path": [b["path"] for b in good]}
+    out: Dict[str, object] = {"skipped": sum(int(b.get("skipped", 0)) for b in good) + len(batch) - len(good),
+                              "path": [b["path"] for b in good]}
     if good:
         out["img"] = torch.stack([b["img"] for b in good])  # type: ignore[misc]
         out["label"] = torch.stack([b["label"] for b in good])  # type: ignore[misc]
     return out
-
-
-def worker_init(worker_id: int) -> None:
-    """Give each DataLoader worker's transform its own random stream (derived from torch's per-worker seed)."""
-    info = torch.utils.data.get_worker_info()
-    ds = info.dataset if info is not None else None
-    if ds is not None and getattr(ds, "transform", None) is not None:
-        ds.transform.reseed(info.seed % (2 ** 32))

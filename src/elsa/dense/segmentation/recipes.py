@@ -1,20 +1,16 @@
 """Named training/testing recipes for ADE20K UPerNet, matching the official configs
-``seg/configs/elsa_swin/upernet_elsa_{tiny,small}_160k.py`` (and their ``_base_`` files), and the model factory."""
+``seg/configs/elsa_swin/upernet_elsa_{tiny,small}_160k.py`` (and their ``_base_`` files). The model they describe
+is built by ``segmentor.build_segmentor``."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Tuple
 
-import torch.nn as nn
-
-from ..backbone import ELSASwinBackbone
-from .heads import FCNHead, UPerHead
-from .segmentor import EncoderDecoder
+from ...engine.recipe import Recipe
 
 
 @dataclass(frozen=True)
-class SegRecipe:
+class SegRecipe(Recipe):
     """Everything a run needs besides paths. Stored in checkpoints (``asdict``) so test/predict rebuild the model."""
 
     name: str
@@ -47,7 +43,8 @@ class SegRecipe:
     poly_power: float = 1.0
     min_lr: float = 0.0
     batch_per_gpu: int = 2                   # official: 2 per GPU x 8 GPUs = 16
-    amp: bool = False                        # float32 as the official runs (no fp16 in their configs); CUDA only
+    amp: bool = False                        # float32 as the official runs (no fp16 in their configs); --amp opts in
+    amp_dtype: str = "float16"               # with amp: "float16" (+ loss scaling, CUDA) or "bfloat16" (also CPU)
     # schedule of side tasks (official: checkpoint and mIoU every 16k iterations, log every 50)
     ckpt_interval: int = 16_000
     eval_interval: int = 16_000
@@ -57,21 +54,6 @@ class SegRecipe:
     slide_crop: Tuple[int, int] = (512, 512)
     slide_stride: Tuple[int, int] = (341, 341)
     ms_ratios: Tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-
-    def replace(self, **changes: Any) -> "SegRecipe":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "SegRecipe":
-        names = {f.name for f in dataclasses.fields(cls)}
-        fields = {}
-        for k, v in d.items():
-            if k in names:
-                fields[k] = tuple(v) if isinstance(v, list) else v
-        return cls(**fields)
 
 
 RECIPES: Dict[str, SegRecipe] = {
@@ -88,36 +70,3 @@ def get_recipe(name: str) -> SegRecipe:
     if name not in RECIPES:
         raise ValueError(f"--recipe must be one of {sorted(RECIPES)}, got {name!r}")
     return RECIPES[name]
-
-
-def build_backbone(recipe: SegRecipe) -> ELSASwinBackbone:
-    """The ELSA-Swin backbone: a registered architecture, or (``backbone == "custom"``) kwargs only (tests)."""
-    kwargs = dict(recipe.backbone_kwargs)
-    kwargs.setdefault("out_indices", (0, 1, 2, 3))
-    if recipe.backbone == "custom":
-        return ELSASwinBackbone(**kwargs)
-    return ELSASwinBackbone.from_name(recipe.backbone, **kwargs)
-
-
-def build_segmentor(recipe: SegRecipe) -> EncoderDecoder:
-    """Backbone + UPerHead (+ FCN auxiliary head on stage ``aux_in_index``), BatchNorm in the heads."""
-    backbone = build_backbone(recipe)
-    chans = list(backbone.out_channels)
-    decode = UPerHead(chans, recipe.num_classes, channels=recipe.channels, pool_scales=recipe.pool_scales,
-                      dropout_ratio=recipe.dropout_ratio)
-    aux = None
-    if recipe.aux_weight > 0:
-        aux = FCNHead(chans[recipe.aux_in_index], recipe.num_classes, channels=recipe.aux_channels, num_convs=1,
-                      in_index=recipe.aux_in_index, concat_input=False, dropout_ratio=recipe.dropout_ratio)
-    return EncoderDecoder(backbone, decode, aux, aux_weight=recipe.aux_weight)
-
-
-def param_groups(model: nn.Module, recipe: SegRecipe) -> list:
-    """AdamW groups: weight decay except for parameters whose name contains one of ``recipe.no_decay_keys``."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if any(k in name for k in recipe.no_decay_keys) else decay).append(p)
-    return [{"params": decay, "weight_decay": recipe.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]

@@ -1,14 +1,18 @@
 """Encoder-decoder segmentor (backbone -> UPerNet, FCN auxiliary head) with mmseg's losses and inference modes."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..backbone import ELSASwinBackbone
 from .heads import FCNHead, UPerHead
+
+if TYPE_CHECKING:
+    from .recipes import SegRecipe
 
 IGNORE_INDEX = 255
 
@@ -157,3 +161,26 @@ def inference_settings(mode: str, recipe_ms_ratios: Sequence[float]) -> Dict[str
 def head_state_names(model: EncoderDecoder) -> List[str]:
     """Names of the head tensors (for checking against official checkpoints)."""
     return [k for k in model.state_dict() if not k.startswith("backbone.")]
+
+
+# ------------------------------------------------------------------------------------------------------ model factory
+def build_backbone(recipe: SegRecipe) -> ELSASwinBackbone:
+    """The ELSA-Swin backbone: a registered architecture, or (``backbone == "custom"``) kwargs only (tests)."""
+    kwargs = dict(recipe.backbone_kwargs)
+    kwargs.setdefault("out_indices", (0, 1, 2, 3))
+    if recipe.backbone == "custom":
+        return ELSASwinBackbone(**kwargs)
+    return ELSASwinBackbone.from_name(recipe.backbone, **kwargs)
+
+
+def build_segmentor(recipe: SegRecipe) -> EncoderDecoder:
+    """Backbone + UPerHead (+ FCN auxiliary head on stage ``aux_in_index``), BatchNorm in the heads."""
+    backbone = build_backbone(recipe)
+    chans = list(backbone.out_channels)
+    decode = UPerHead(chans, recipe.num_classes, channels=recipe.channels, pool_scales=recipe.pool_scales,
+                      dropout_ratio=recipe.dropout_ratio)
+    aux = None
+    if recipe.aux_weight > 0:
+        aux = FCNHead(chans[recipe.aux_in_index], recipe.num_classes, channels=recipe.aux_channels, num_convs=1,
+                      in_index=recipe.aux_in_index, concat_input=False, dropout_ratio=recipe.dropout_ratio)
+    return EncoderDecoder(backbone, decode, aux, aux_weight=recipe.aux_weight)

@@ -1,4 +1,5 @@
-"""A small COCO-format instance-segmentation dataset of synthetic shapes, for tests and smoke runs (no download).
+"""Test fixture: a small COCO-format instance-segmentation dataset of synthetic shapes (no download), and the tiny
+detector recipes that learn it on a CPU.
 
 Layout written (the same as COCO 2017, so ``elsa det`` reads it like the real thing)::
 
@@ -20,14 +21,12 @@ from typing import Dict, List, Tuple, Union
 
 import numpy as np
 
-from ..io import atomic_write_text
+from elsa.dense.detection.data import _polygon_area
+from elsa.dense.recipes_det import DetRecipe
+from elsa.io import atomic_write_text
 
 CATEGORIES = [{"id": 1, "name": "box", "supercategory": "shape"},
               {"id": 2, "name": "disc", "supercategory": "shape"}]
-
-
-def _polygon_area(xs: np.ndarray, ys: np.ndarray) -> float:
-    return float(0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))
 
 
 def _shape(rng: np.random.Generator, cat: int, w: int, h: int) -> List[Tuple[float, float]]:
@@ -89,7 +88,7 @@ def write_split(root: Union[str, os.PathLike], split: str, num_images: int, seed
             annotations.append({
                 "id": ann_id, "image_id": i, "category_id": cat, "iscrowd": 0,
                 "bbox": [round(float(x0), 2), round(float(y0), 2), round(float(x1 - x0), 2), round(float(y1 - y0), 2)],
-                "area": round(_polygon_area(xs, ys), 2),
+                "area": round(_polygon_area([v for p in pts for v in p]), 2),
                 "segmentation": [[round(float(v), 2) for p in pts for v in p]],
             })
             ann_id += 1
@@ -105,3 +104,32 @@ def make_synthetic_coco(root: Union[str, os.PathLike], num_train: int = 64, num_
     """Write train and val splits under ``root``; returns the two annotation paths."""
     return {"train": write_split(root, "train", num_train, seed=seed, **kwargs),
             "val": write_split(root, "val", num_val, seed=seed + 1, **kwargs)}
+
+
+# Tiny detectors for these shapes: a 4-stage ELSA-Swin with 16 channels, small heads and 64..96 px images (CPU tests).
+_TINY_BACKBONE = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), group_width=4, elsa_kernel=3,
+                      window_size=4)
+TINY_RECIPES = {"mask_rcnn_tiny_test": DetRecipe(
+    name="mask_rcnn_tiny_test", backbone="elsa_swin_tiny", backbone_kwargs=_TINY_BACKBONE, drop_path_rate=0.0,
+    num_classes=2, fpn_channels=32, anchor_sizes=(8, 16, 32, 64, 128), rpn_pre_nms_top_n_train=300,
+    rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100,
+    rpn_batch_size_per_image=64, representation_size=128, box_batch_size_per_image=64, mask_head_channels=32,
+    mask_head_convs=2, train_scales=(64, 72, 80, 88, 96), max_size=160, crop_prescales=(64, 80, 96),
+    crop_size=(48, 96), detr_crop=False, test_size=(80, 160), lr=1e-3, weight_decay=0.05, epochs=12,
+    warmup_iters=20, batch_size=4, workers=0, amp=False)}
+TINY_RECIPES["cascade_mask_rcnn_tiny_test"] = TINY_RECIPES["mask_rcnn_tiny_test"].replace(
+    name="cascade_mask_rcnn_tiny_test", arch="cascade_mask_rcnn", box_head="4conv1fc", rpn_post_nms_top_n_train=100,
+    rpn_box_loss="smooth_l1", rpn_allowed_border=0)
+
+
+def tiny_recipe(name: str = "mask_rcnn_tiny_test", **overrides) -> DetRecipe:
+    """A tiny recipe with ``overrides`` (unknown fields raise, as for the official recipes)."""
+    return TINY_RECIPES[name].replace(**overrides)
+
+
+def tiny_recipe_file(folder: Union[str, os.PathLike], name: str = "mask_rcnn_tiny_test") -> str:
+    """The tiny recipe written as FOLDER/NAME.json, for ``elsa det train --recipe FILE.json``."""
+    path = Path(folder) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(TINY_RECIPES[name].to_dict()))
+    return str(path)

@@ -1,4 +1,4 @@
-"""A small synthetic dataset in the ADE20K layout, for tests and demos without downloads.
+"""Test fixture: a small synthetic dataset in the ADE20K layout (no download).
 
 Each image is a textured grey background (class 1) with a few coloured shapes: red rectangles (class 2), green discs
 (class 3), blue triangles (class 4). Hues are 120 degrees apart, far more than the +-36 degree hue jitter of the training
