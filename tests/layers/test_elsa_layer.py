@@ -150,3 +150,16 @@ def test_layer_forward_makes_no_layout_copies():
     assert copies == []
     assert "aten.mul" in mode.ops  # q * k, and no multiplication by the scale of 1
     assert mode.ops.count("aten.mul") == 1
+
+
+def test_cpu_inference_fuses_the_conv_and_gelu_with_the_same_result():
+    torch.manual_seed(3)
+    layer = ELSA(48, num_heads=3, kernel_size=5, lam=1, gamma=1, group_width=8).eval()
+    x = torch.randn(2, 9, 10, 48)
+    with torch.no_grad(), _CountOps() as mode:
+        fused = layer(x)
+    assert "mkldnn._convolution_pointwise" in mode.ops
+    with _CountOps() as mode:  # with autograd: the plain convolution and GELU
+        plain = layer(x)
+    assert "mkldnn._convolution_pointwise" not in mode.ops and "aten.gelu" in mode.ops
+    torch.testing.assert_close(fused, plain.detach(), atol=1e-5, rtol=1e-5)
