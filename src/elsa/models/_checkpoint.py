@@ -18,6 +18,14 @@ _NESTED_KEYS = ("state_dict", "model", "module")
 _EMA_KEYS = ("state_dict_ema", "model_ema")
 
 
+# The only non-tensor, non-container type official files hold: timm 0.4's CheckpointSaver (the official train.py)
+# stores the run's argparse.Namespace under 'args' (a bag of str/int/float/bool/None/list values). Everything else in
+# official files is plain data that weights_only=True reads as is: the optimizer state, timm's EMA weights, the native
+# ('amp_scaler') or apex ('amp') loss-scaler state, and mmdet/mmseg's 'meta' (config text, CLASSES, PALETTE, env info,
+# mmcv version, epoch/iter, hook messages). Nothing that can run code is allowed.
+SAFE_GLOBALS = (argparse.Namespace,)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be read or does not fit the model."""
 
@@ -43,8 +51,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict:
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"{path} is not a valid .safetensors file (truncated or another format): {err}") from err
     try:
-        # timm's training script (the official one) stores its argparse.Namespace beside the weights
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for foreign bytes (IndexError, KeyError, ...)
         raise CheckpointError(
