@@ -98,7 +98,7 @@ def test_dim_qk_dim_v_groups_dilation_equal_the_official_layer(dim_qk, dim_v, gr
 
 def test_elsa_swin_passes_the_block_arguments_through():
     model = timm.create_model("elsa_swin_pico", dim_qk=16, dim_v=64, groups=2, dilation=2)
-    for i, stage in enumerate(model.layers[:2]):
+    for stage in model.layers[:2]:
         for block in stage.blocks:
             a = block.attn
             assert (a.dim_qk, a.dim_v, a.attn[2].groups, a.dilation) == (16, 64, 2, 2)

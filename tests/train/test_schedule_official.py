@@ -8,7 +8,6 @@ import math
 from typing import List
 
 import pytest
-import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from train_helpers import make_image_folder, run_train
