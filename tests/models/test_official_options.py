@@ -60,14 +60,15 @@ def test_official_stage_keywords_are_accepted_and_others_refused():
         ELSABlock(16, 3, 2, 2)
 
 
-def _official_elsa_cpu(layer: ELSA, x: torch.Tensor) -> torch.Tensor:
-    """The official ELSA.forward with its CPU ``elsa_op`` branch (F.unfold), for stride 1."""
+def _official_elsa_cpu(layer: ELSA, x: torch.Tensor, attn_drop: float = 0.0) -> torch.Tensor:
+    """The official ELSA.forward with its CPU ``elsa_op`` branch (F.unfold), for stride 1; ``attn_drop``: its
+    ``self.attn_drop`` in training mode, on the softmaxed (B*G, K*K, H, W) attention."""
     b, h, w, _ = x.shape
     c, ks, g = layer.dim_v, layer.kernel_size, layer.num_heads
     q, k, v = torch.split(layer.pre_proj(x.permute(0, 3, 1, 2)), (layer.dim_qk, layer.dim_qk, c), dim=1)
     h_attn = layer.attn(q * k * layer.scale)
     v = v.reshape(b * g, c // g, h, w)
-    h_attn = h_attn.reshape(b * g, -1, h, w).softmax(1)
+    h_attn = F.dropout(h_attn.reshape(b * g, -1, h, w).softmax(1), attn_drop, training=attn_drop > 0)
     gh = layer.ghost_head
     if layer.lam != 0 and layer.gamma != 0:
         gh = gh.expand(2, b, c, ks, ks).reshape(2, b * g, c // g, ks, ks)
@@ -215,6 +216,28 @@ def test_elsa_projection_is_never_dropped_in_training():
     y = block.norm1(x)
     torch.testing.assert_close(block.attn(y), block.attn(y))
     assert not torch.allclose(block.mlp(y), block.mlp(y))
+
+
+def test_block_in_training_equals_the_official_block_with_the_same_random_stream():
+    """The official ELSABlock.forward in training (drop_path 0): x + ELSA(norm1(x)) with attention dropout and no
+    projection dropout, then x + Mlp(norm2(x)) with timm 0.4's Mlp (fc1, act, drop, fc2, drop). Same seed, same
+    dropout masks: the outputs agree, so our dropouts sit where the official ones do and draw in the same order."""
+    torch.manual_seed(0)
+    block = ELSABlock(16, 3, 1, 2, 2.0, 0.3, 0.2, 0.0, group_width=4, qkv_bias=True).train()
+    x = torch.randn(2, 7, 9, 16)
+
+    def official(x):
+        x = x + _official_elsa_cpu(block.attn, block.norm1(x), attn_drop=0.2)
+        m = block.mlp
+        y = F.dropout(m.act(m.fc1(block.norm2(x))), 0.3, training=True)
+        return x + F.dropout(m.fc2(y), 0.3, training=True)
+
+    torch.manual_seed(5)
+    ours = block(x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(ours, official(x), atol=1e-5, rtol=1e-5)
+    torch.manual_seed(6)
+    assert not torch.allclose(ours, block(x))  # the dropouts are active
 
 
 # ---------------------------------------------------------------------------------------------------------------
