@@ -57,6 +57,14 @@ class LoadReport:
 
 
 # ------------------------------------------------------------------------------------------------------------ reading
+# The only non-tensor, non-container type official files hold: timm 0.4's CheckpointSaver (the official train.py)
+# stores the run's argparse.Namespace under 'args' (a bag of str/int/float/bool/None/list values). Everything else in
+# official files is plain data that weights_only=True reads as is: the optimizer state, timm's EMA weights, the native
+# ('amp_scaler') or apex ('amp') loss-scaler state, and mmdet/mmseg's 'meta' (config text, CLASSES, PALETTE, env info,
+# mmcv version, epoch/iter, hook messages). Nothing that can run code is allowed.
+SAFE_GLOBALS = (argparse.Namespace,)
+
+
 def read_checkpoint(path: PathLike, what: str = "checkpoint file") -> Any:
     """The content of a ``.safetensors`` file or a PyTorch pickle (``weights_only=True``); ``what`` names the
     argument in errors (e.g. ``"--resume file"``)."""
@@ -73,8 +81,7 @@ def read_checkpoint(path: PathLike, what: str = "checkpoint file") -> Any:
             raise CheckpointError(f"{what} {str(path)!r} is not a valid .safetensors file (truncated or another "
                                   f"format): {err}") from err
     try:
-        # timm's training script (the official one) stores its argparse.Namespace beside the weights
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for foreign bytes (IndexError, KeyError, ...)
         raise CheckpointError(

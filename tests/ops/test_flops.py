@@ -52,7 +52,7 @@ def test_backward_counts_one_forward_per_gradient():
 def test_meta_device_count_equals_cpu_count_and_restores_backend_env(monkeypatch):
     monkeypatch.delenv("ELSA_BACKEND", raising=False)
     torch.manual_seed(0)
-    block = nn.Sequential(nn.Linear(3, 24), ELSABlock(24, 3, kernel_size=5, group_width=4))
+    block = nn.Sequential(nn.Linear(3, 24), ELSABlock(24, num_heads=3, kernel_size=5, group_width=4))
     cpu = count_flops(block, (1, 7, 9, 3))
     assert cpu > count_flops(block[0], (1, 7, 9, 3))
     assert count_flops(block.to("meta"), (1, 7, 9, 3)) == cpu

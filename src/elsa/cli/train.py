@@ -62,7 +62,9 @@ def add_parser(subparsers) -> None:
     _flag(g, "--resume", metavar="FILE", help="resume a run from its last.pth (model, optimizer, schedule, EMA, "
                                               "scaler, epoch, RNG); its options are reused unless given again")
     _flag(g, "--num-classes", type=int, metavar="N", help="classifier size (default: number of class folders)")
-    _flag(g, "--drop", type=float, metavar="P", help="dropout before the classifier (default 0)")
+    _flag(g, "--drop", type=float, metavar="P", help="dropout rate as the official models use it: after the patch "
+                                                     "embedding and in every block's MLP and window-attention "
+                                                     "projection (default 0)")
     _flag(g, "--drop-path", type=float, metavar="P", help="stochastic depth rate (default: the model's)")
     _on(g, "--grad-checkpointing", help="trade compute for memory")
     _on(g, "--sync-bn", help="use SyncBatchNorm under DDP (only if the model has BatchNorm)")
@@ -84,6 +86,8 @@ def add_parser(subparsers) -> None:
     _flag(g, "--cooldown-epochs", type=int, help="epochs at min lr after the schedule (default 0)")
     _flag(g, "--decay-epochs", type=float, help="step schedule period")
     _flag(g, "--decay-rate", type=float, help="step schedule factor")
+    _on(g, "--sched-on-updates", help="change the LR after every optimizer update (timm's option); default: once "
+                                      "per epoch, as timm 0.4's train.py that trained the official models")
     g = p.add_argument_group("augmentation and regularisation")
     _on(g, "--no-aug", help="no training augmentation (resize, crop, normalise only)")
     _flag(g, "--scale", type=float, nargs=2, help="random-resized-crop area range (default 0.08 1)")
@@ -134,7 +138,6 @@ def add_parser(subparsers) -> None:
     # test and debugging hooks, hidden from --help
     _flag(g, "--max-steps-per-epoch", type=int, help=argparse.SUPPRESS)
     _flag(g, "--save-rank-params", help=argparse.SUPPRESS)
-    _flag(g, "--sched-on-updates", type=lambda s: s.lower() in ("1", "true", "yes"), help=argparse.SUPPRESS)
     p.set_defaults(func=command("train")(run))
 
 

@@ -7,6 +7,7 @@ windows, as the official detection backbone does, so weights trained by the offi
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import List, Sequence, Union
 
@@ -39,6 +40,8 @@ class ELSASwinBackbone(ELSASwin):
         if not -1 <= frozen_stages <= num_stages + 1:
             raise ValueError(f"frozen_stages must lie in [-1, {num_stages + 1}], got {frozen_stages}")
         del self.norm, self.head, self.head_drop
+        if self.absolute_pos_embed is not None:  # the official detection backbone's layout: (1, C, grid_h, grid_w)
+            self.absolute_pos_embed = nn.Parameter(self._pos_embed_map(self.absolute_pos_embed.detach()))
         self.out_indices = tuple(out_indices)
         self.frozen_stages = frozen_stages
         for i in self.out_indices:
@@ -53,6 +56,13 @@ class ELSASwinBackbone(ELSASwin):
             raise ValueError(f"name must be one of {sorted(MODEL_ARGS)}, got {name!r}")
         args = {k: v for k, v in MODEL_ARGS[name].items() if k not in ("num_classes",)}
         return cls(**dict(args, **kwargs))
+
+    def _pos_embed_map(self, pos: Tensor) -> Tensor:
+        """(1, grid_h * grid_w, C) -> (1, C, grid_h, grid_w) (a square grid if the count does not fit ours)."""
+        gh, gw = self.patch_embed.grid_size
+        if pos.shape[1] != gh * gw:
+            gh = gw = math.isqrt(pos.shape[1])
+        return pos.transpose(1, 2).reshape(1, -1, gh, gw).contiguous()
 
     def _freeze(self) -> None:
         k = self.frozen_stages
@@ -78,7 +88,7 @@ class ELSASwinBackbone(ELSASwin):
     def forward(self, x: Tensor) -> List[Tensor]:  # type: ignore[override]
         """x: (B, in_chans, H, W) -> [norm_i(stage_i output) as (B, C_i, H_i, W_i) for i in out_indices]."""
         outs = []
-        x = self.pos_drop(self.patch_embed(x))
+        x = self._embed(x)
         for i, stage in enumerate(self.layers):
             x = stage.forward_blocks(x)
             if i in self.out_indices:
@@ -97,6 +107,9 @@ class ELSASwinBackbone(ELSASwin):
         if any(k.startswith("backbone.") for k in state_dict):
             state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
         state_dict = {k: v for k, v in state_dict.items() if not k.endswith("attn_mask")}
+        pos = state_dict.get("absolute_pos_embed")
+        if pos is not None and pos.dim() == 3 and self.absolute_pos_embed is not None:
+            state_dict["absolute_pos_embed"] = self._pos_embed_map(pos)  # a classifier's (1, patches, C)
         report = fit_state_dict(self, state_dict, strict=False)
         _logger.info("backbone loaded from %s; not in file: %s; unused: %s", path,
                      report.missing or "none", report.unexpected or "none")

@@ -7,7 +7,7 @@ checkpoints load into them unchanged.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -16,6 +16,19 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import Tensor
 
 from ..ops import elsa_aggregate, elsa_softmax_aggregate
+
+
+# Keywords the official Swin stage (BasicLayer) hands to every block of a stage and the official ELSA/ELSABlock
+# swallow through **kwargs: they describe window attention, not ELSA. Accepted (and ignored) so that official code
+# ports unchanged; any other unknown keyword is an error rather than silently dropped.
+OFFICIAL_IGNORED_KWARGS = ("window_size", "shift_size", "input_resolution")
+
+
+def _check_ignored(owner: str, kwargs: Dict[str, Any]) -> None:
+    unknown = sorted(k for k in kwargs if k not in OFFICIAL_IGNORED_KWARGS)
+    if unknown:
+        raise TypeError(f"{owner}() got unexpected keyword argument(s) {unknown}; only the official window-stage "
+                        f"keywords {list(OFFICIAL_IGNORED_KWARGS)} are accepted and ignored")
 
 
 def _qk_dim(dim: int, dim_qk: Optional[int], group_width: int) -> int:
@@ -41,41 +54,50 @@ _HAS_FUSED_CONV = hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 class ELSA(nn.Module):
     """Enhanced local self-attention.
 
+    The positional order of the arguments is the official ``ELSA``'s, ``(dim, num_heads, dim_qk, dim_v,
+    kernel_size, stride, dilation, qkv_bias, qk_scale, attn_drop, proj_drop, group_width, groups, lam, gamma)``,
+    so official code ports unchanged; ``backend`` is keyword-only.
+
     Args:
         dim: input (and output) channels C.
-        num_heads: heads G; each head aggregates C // G value channels with its own K x K attention.
+        num_heads: heads G; each head aggregates dim_v // G value channels with its own K x K attention.
+        dim_qk, dim_v: widths of q/k and of v (defaults: official rule, and C).
         kernel_size: odd neighbourhood size K.
         stride, dilation: of the aggregation; the output is (B, H // stride, W // stride, C).
-        group_width: channels per group of the grouped K x K conv that turns the Hadamard product into attention.
-        lam, gamma: ghost-head exponents/scales: filter = m ** lam * attn + d * gamma; 0 disables that ghost.
         qkv_bias: bias of the 1x1 q/k/v projection.
         qk_scale: scale of the Hadamard product; None means (dim_v // num_heads) ** -0.5.
-        dim_qk, dim_v: widths of q/k and of v (defaults: official rule, and C).
         attn_drop, proj_drop: dropout after the softmax and after the output projection.
+        group_width: channels per group of the grouped K x K conv that turns the Hadamard product into attention.
         groups: groups of the 1x1 conv producing the K*K*G attention logits.
+        lam, gamma: ghost-head exponents/scales: filter = m ** lam * attn + d * gamma; 0 disables that ghost.
         backend: force an ``elsa_aggregate`` backend (None: automatic).
+        kwargs: only the official window-stage keywords (``window_size``, ``shift_size``, ``input_resolution``),
+            which the official layer also ignores.
     """
 
     def __init__(
         self,
         dim: int,
         num_heads: int,
+        dim_qk: Optional[int] = None,
+        dim_v: Optional[int] = None,
         kernel_size: int = 5,
         stride: int = 1,
         dilation: int = 1,
-        group_width: int = 8,
-        lam: float = 1.0,
-        gamma: float = 1.0,
         qkv_bias: bool = False,
         qk_scale: Optional[float] = None,
-        dim_qk: Optional[int] = None,
-        dim_v: Optional[int] = None,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        group_width: int = 8,
         groups: int = 1,
+        lam: float = 1.0,
+        gamma: float = 1.0,
+        *,
         backend: Optional[str] = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__()
+        _check_ignored(type(self).__name__, kwargs)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size}")
         if stride < 1 or dilation < 1:
@@ -193,38 +215,52 @@ class ELSA(nn.Module):
 class ELSABlock(nn.Module):
     """x + DropPath(ELSA(LN(x))), then x + DropPath(MLP(LN(x))); input and output (B, H, W, C).
 
-    Defaults are the official ELSA block's (MLP ratio 3, no qkv bias, qk_scale 1, lam = gamma = 1);
-    ELSA-Swin passes its own (MLP ratio 4, qkv bias, K = 7, lam = 0).
+    Arguments, their positional order and defaults are the official ``ELSABlock``'s: ``(dim, kernel_size, stride,
+    num_heads, mlp_ratio, drop, attn_drop, drop_path, act_layer, norm_layer, qkv_bias, qk_scale, dim_qk, dim_v,
+    lam, gamma, dilation, group_width, groups)`` (MLP ratio 3, no qkv bias, qk_scale 1, lam = gamma = 1); ELSA-Swin
+    passes its own (MLP ratio 4, qkv bias, K = 7, lam = 0). ``backend`` is keyword-only.
+
+    ``drop`` is the official block's dropout: in the MLP only (after its activation and after its output layer);
+    the official block never drops the ELSA output projection. ``stride`` must be 1 (the residual needs the input
+    size), as the official block asserts.
     """
 
     def __init__(
         self,
         dim: int,
-        num_heads: int,
         kernel_size: int = 5,
+        stride: int = 1,
+        num_heads: int = 1,
         mlp_ratio: float = 3.0,
-        qkv_bias: bool = False,
-        qk_scale: Optional[float] = 1.0,
-        lam: float = 1.0,
-        gamma: float = 1.0,
-        group_width: int = 8,
-        dilation: int = 1,
-        dim_qk: Optional[int] = None,
-        proj_drop: float = 0.0,
+        drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         act_layer: type[nn.Module] = nn.GELU,
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        qkv_bias: bool = False,
+        qk_scale: Optional[float] = 1.0,
+        dim_qk: Optional[int] = None,
+        dim_v: Optional[int] = None,
+        lam: float = 1.0,
+        gamma: float = 1.0,
+        dilation: int = 1,
+        group_width: int = 8,
+        groups: int = 1,
+        *,
         backend: Optional[str] = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__()
+        _check_ignored(type(self).__name__, kwargs)
+        if stride != 1:
+            raise ValueError(f"stride must be 1 in an ELSABlock (the residual keeps the input size), got {stride}")
         self.norm1 = norm_layer(dim)
-        self.attn = ELSA(dim, num_heads, kernel_size=kernel_size, dilation=dilation, group_width=group_width,
-                         lam=lam, gamma=gamma, qkv_bias=qkv_bias, qk_scale=qk_scale, dim_qk=dim_qk,
-                         attn_drop=attn_drop, proj_drop=proj_drop, backend=backend)
+        self.attn = ELSA(dim, num_heads, dim_qk=dim_qk, dim_v=dim_v, kernel_size=kernel_size, stride=stride,
+                         dilation=dilation, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
+                         group_width=group_width, groups=groups, lam=lam, gamma=gamma, backend=backend)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""

@@ -94,8 +94,15 @@ class WindowAttention(nn.Module):
             nw = mask.shape[0]
             bias = (bias.unsqueeze(1) + mask.to(q.dtype)[None, :, None]).expand(b // nw, -1, -1, -1, -1)
             bias = bias.reshape(b, g, n, n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                             dropout_p=self.attn_drop if self.training else 0.0)
+        if torch.onnx.is_in_onnx_export():
+            # Spelled out for the ONNX exporters: the dynamo exporter's decomposition of
+            # scaled_dot_product_attention gives its output other strides than it traced, and the reshape below
+            # then fails as an invalid view ("Cannot view a tensor with shape ...").
+            attn = (q * (c // g) ** -0.5) @ k.transpose(-2, -1) + bias
+            out = attn.softmax(-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                 dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.post_proj(out.transpose(1, 2).reshape(b, n, c)))
 
 
@@ -156,6 +163,17 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x))
 
 
+def _resized_pos_embed(pos: Tensor, grid: Tuple[int, int], size: Tuple[int, int]) -> Tensor:
+    """An absolute position embedding as a (1, H, W, C) map of ``size``: ``pos`` is (1, grid_h * grid_w, C) (the
+    classifier's layout) or (1, C, grid_h, grid_w) (the detection backbone's); resized bicubically, as the official
+    detection backbone does, when the grid differs from ``size``."""
+    if pos.dim() == 3:
+        pos = pos.transpose(1, 2).reshape(1, -1, grid[0], grid[1])
+    if tuple(pos.shape[2:]) != tuple(size):
+        pos = F.interpolate(pos, size=tuple(size), mode="bicubic", align_corners=False)
+    return pos.permute(0, 2, 3, 1)
+
+
 class ELSASwinStage(nn.Module):
     """One stage: ``blocks`` then the optional ``downsample`` (the official order, so the keys match)."""
 
@@ -197,14 +215,33 @@ class ELSASwin(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
-        proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
+        head_drop_rate: float = 0.0,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        ape: bool = False,
+        patch_norm: bool = True,
+        use_checkpoint: bool = False,
+        dilation: int = 1,
+        dim_qk: Optional[int] = None,
+        dim_v: Optional[int] = None,
+        groups: int = 1,
         always_shift: bool = False,
         elsa_backend: Optional[str] = None,
         elsa_stages: Optional[int] = None,
     ) -> None:
+        """Options as the official ``ELSASwin`` (same names and meanings), plus:
+
+        head_drop_rate: dropout before the classifier (not in the official model; default 0 as there).
+        always_shift, elsa_backend, elsa_stages: see the module docstring, ``ELSA`` and the stage layout.
+
+        ``drop_rate`` is the official dropout: after the patch (and position) embedding, in every block's MLP and
+        in the window attention's output projection, never on the ELSA projection nor before the head. ``ape``
+        adds a learned absolute position embedding (trunc-normal, std 0.02) after the patch embedding, resized
+        bicubically when the input grid differs from ``img_size``'s; ``patch_norm=False`` drops the patch
+        embedding's LayerNorm; ``use_checkpoint`` turns on gradient checkpointing; ``dilation``, ``dim_qk``,
+        ``dim_v`` and ``groups`` go to every ELSA block (the official model passes them through to its blocks).
+        """
         super().__init__()
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
@@ -220,8 +257,14 @@ class ELSASwin(nn.Module):
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                      embed_dim=embed_dim, norm_layer=norm_layer, output_fmt="NHWC",
-                                      strict_img_size=False, dynamic_img_pad=True)
+                                      embed_dim=embed_dim, norm_layer=norm_layer if patch_norm else None,
+                                      output_fmt="NHWC", strict_img_size=False, dynamic_img_pad=True)
+        self.ape = ape
+        self.absolute_pos_embed: Optional[nn.Parameter] = None
+        if ape:  # the official classifier's layout: (1, patches, C)
+            grid = self.patch_embed.grid_size
+            self.absolute_pos_embed = nn.Parameter(trunc_normal_(torch.zeros(1, grid[0] * grid[1], embed_dim),
+                                                                 std=0.02))
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         stages, self.feature_info = [], []
@@ -229,13 +272,14 @@ class ELSASwin(nn.Module):
             dim = embed_dim * 2 ** i
             rates = dpr[sum(depths[:i]):sum(depths[:i + 1])]
             if i < elsa_stages:
-                blocks = [ELSABlock(dim, heads, kernel_size=elsa_kernel, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                                    qk_scale=qk_scale, lam=lam, gamma=gamma, group_width=group_width,
-                                    proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=r,
-                                    norm_layer=norm_layer, backend=elsa_backend) for r in rates]
+                blocks = [ELSABlock(dim, kernel_size=elsa_kernel, num_heads=heads, mlp_ratio=mlp_ratio,
+                                    drop=drop_rate, attn_drop=attn_drop_rate, drop_path=r, norm_layer=norm_layer,
+                                    qkv_bias=qkv_bias, qk_scale=qk_scale, dim_qk=dim_qk, dim_v=dim_v, lam=lam,
+                                    gamma=gamma, dilation=dilation, group_width=group_width, groups=groups,
+                                    backend=elsa_backend) for r in rates]
             else:
                 blocks = [SwinBlock(dim, heads, window_size, shift=j % 2 == 1, mlp_ratio=mlp_ratio,
-                                    qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
+                                    qkv_bias=qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate,
                                     drop_path=r, norm_layer=norm_layer, always_shift=always_shift)
                           for j, r in enumerate(rates)]
             downsample = PatchMerging(dim, norm_layer) if i < num_stages - 1 else None
@@ -243,9 +287,11 @@ class ELSASwin(nn.Module):
             self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"layers.{i}"))
         self.layers = nn.Sequential(*stages)
         self.norm = norm_layer(self.num_features)
-        self.head_drop = nn.Dropout(drop_rate)
+        self.head_drop = nn.Dropout(head_drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+        if use_checkpoint:
+            self.set_grad_checkpointing(True)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -256,12 +302,22 @@ class ELSASwin(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        """Relative-position bias tables, as timm's Swin (biases and norms are excluded by timm's optimizer factory)."""
-        return {name for name, _ in self.named_parameters() if name.endswith(".rb")}
+        """The official set, ``{'absolute_pos_embed'}``: timm's optimizer factory also exempts biases and 1-d
+        parameters (norms), and everything else decays, the window stage's bias tables ``rb`` and the ghost heads
+        included. The official model also lists the keyword ``relative_position_bias_table``, which matches no
+        parameter (its tables are named ``rb``) and which timm 0.4's factory never read, so its run decayed them."""
+        return {"absolute_pos_embed"}
+
+    def _embed(self, x: Tensor) -> Tensor:
+        """(B, in_chans, H, W) -> patch embedding (+ absolute position embedding), after position dropout."""
+        x = self.patch_embed(x)
+        if self.absolute_pos_embed is not None:
+            x = x + _resized_pos_embed(self.absolute_pos_embed, self.patch_embed.grid_size, x.shape[1:3])
+        return self.pos_drop(x)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^patch_embed", blocks=r"^layers\.(\d+)" if coarse else [
+        return dict(stem=r"^absolute_pos_embed|^patch_embed", blocks=r"^layers\.(\d+)" if coarse else [
             (r"^layers\.(\d+).downsample", (0,)), (r"^layers\.(\d+)\.\w+\.(\d+)", None), (r"^norm", (99999,))])
 
     @torch.jit.ignore
@@ -298,7 +354,7 @@ class ELSASwin(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take, max_index = feature_take_indices(len(self.layers), indices)
         intermediates = []
-        x = self.pos_drop(self.patch_embed(x))
+        x = self._embed(x)
         last = len(self.layers) - 1
         stages = self.layers[:max_index + 1] if stop_early else self.layers
         for i, stage in enumerate(stages):
@@ -325,7 +381,7 @@ class ELSASwin(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, in_chans, H, W) -> normalised last-stage map (B, H/32, W/32, num_features)."""
-        x = self.pos_drop(self.patch_embed(x))
+        x = self._embed(x)
         x = self.layers(x)
         return self.norm(x)
 

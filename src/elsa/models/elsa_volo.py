@@ -108,7 +108,7 @@ class ELSAVOLO(VOLO):
         mlp_hidden = first.mlp.fc1.out_features
         norm_layer = kwargs.get("norm_layer", nn.LayerNorm)
         attn_drop = kwargs.get("attn_drop_rate", 0.0)
-        blocks = [ELSABlock(dim, heads, kernel_size=elsa_kernel, mlp_ratio=mlp_hidden / dim,
+        blocks = [ELSABlock(dim, num_heads=heads, kernel_size=elsa_kernel, mlp_ratio=mlp_hidden / dim,
                             qkv_bias=kwargs.get("qkv_bias", False), qk_scale=elsa_qk_scale, lam=elsa_lam,
                             gamma=elsa_gamma, group_width=elsa_group_width, attn_drop=attn_drop,
                             norm_layer=norm_layer, backend=elsa_backend)

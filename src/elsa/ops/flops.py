@@ -64,6 +64,13 @@ def _backward_formula(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
     return 2 * produced * aggregate_macs(grad_shape, _kernel_size(args, kwargs, 5), _has_ghost(args, kwargs, 3))
 
 
+def _fused_conv_formula(x_shape: Any, w_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    # oneDNN's convolution with a fused activation, which the ELSA layer runs in CPU inference: a convolution's count
+    from torch.utils.flop_counter import conv_flop_count
+
+    return conv_flop_count(list(x_shape), list(w_shape), list(out_shape), transposed=False)
+
+
 def _packet(name: str) -> Optional[torch._ops.OpOverloadPacket]:
     try:
         return getattr(torch.ops.elsa, name)
@@ -85,6 +92,9 @@ def register_elsa_flop_formulas() -> list[str]:
             if packet not in flop_registry:
                 register_flop_formula(packet)(formula)
             covered.append(name)
+    fused_conv = getattr(torch.ops.mkldnn, "_convolution_pointwise", None) if hasattr(torch.ops, "mkldnn") else None
+    if fused_conv is not None and fused_conv not in flop_registry:
+        register_flop_formula(fused_conv)(_fused_conv_formula)
     return covered
 
 

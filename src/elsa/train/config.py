@@ -66,7 +66,7 @@ class TrainConfig:
     cooldown_epochs: int = 0
     decay_epochs: float = 30.0
     decay_rate: float = 0.1
-    sched_on_updates: bool = True
+    sched_on_updates: bool = False  # official (timm 0.4 train.py): the LR changes once per epoch
     # augmentation and regularisation
     no_aug: bool = False
     scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
