@@ -1,0 +1,115 @@
+"""Launchers for the tensor-core (row-band) kernels of ``kernels_tc.py``; ``op.py`` dispatches here.
+
+They apply at stride 1, without the multiplicative ghost, for float16/bfloat16 and at least 16 channels (the
+smallest tensor-core operand); everything else runs the CUDA-core kernels of ``kernels.py``. float32 stays on
+the CUDA-core kernels on purpose: ``tl.dot`` would use TF32 (10-bit mantissa) and miss the float32 tolerance.
+
+Backward: ``elsa_band_bwd_attn_kernel`` gives the attention (logit) and additive-ghost gradients and the
+log-sum-exp, then the forward kernel run ``TRANSPOSED`` gives the v gradient.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
+
+from . import kernels_tc
+
+INTERPRET = isinstance(kernels_tc.elsa_band_kernel, InterpretedFunction)
+
+# (BLOCK_C, TILE_H, TILE_W, warps). 16 x 16 pixel tiles: 16 is the smallest tensor-core M for both products
+# (the attention band is M = TILE_W, the ghost band M = TILE_H). The interpreter runs the first one, a tile
+# size a GPU really uses.
+BAND_TILES = [(32, 16, 16, 4), (32, 16, 16, 8), (64, 16, 16, 8), (16, 16, 16, 4)]
+BAND_BWD_TILES = [(32, 16, 16, 4), (32, 16, 16, 8), (64, 16, 16, 8)]
+MIN_CHANNELS = 16
+
+
+def applies(v: Tensor, ghost_mul: Optional[Tensor], stride: int) -> bool:
+    """Whether the tensor-core kernels cover this call."""
+    return (stride == 1 and ghost_mul is None and v.dtype in (torch.float16, torch.bfloat16)
+            and v.shape[1] >= MIN_CHANNELS)
+
+
+def span(tile_w: int, kernel_size: int, dilation: int) -> int:
+    """Width of the source window of a row of TILE_W pixels: a power of two (a tl.dot dimension)."""
+    return triton.next_power_of_2(tile_w + (kernel_size - 1) * dilation)
+
+
+def _configs(tiles):
+    tiles = tiles[:1] if INTERPRET else tiles
+    return [triton.Config({"BLOCK_C": c, "TILE_H": h, "TILE_W": w}, num_warps=nw) for c, h, w, nw in tiles]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop channel blocks wider than the channels need (keeping the narrowest)."""
+    narrowest = min(cfg.kwargs["BLOCK_C"] for cfg in configs)
+    widest = max(triton.next_power_of_2(named_args["C"]), narrowest)
+    return [cfg for cfg in configs if cfg.kwargs["BLOCK_C"] <= widest]
+
+
+_SPAN = {"SPAN": lambda args: span(args["TILE_W"], args["K"], args["DIL"])}
+_KEY = ["C", "H", "W", "K", "DIL", "SOFTMAX"]
+_band = triton.autotune(configs=_configs(BAND_TILES), key=_KEY + ["TRANSPOSED", "HAS_ADD"],
+                        prune_configs_by={"early_config_prune": _prune})(
+    triton.heuristics(_SPAN)(kernels_tc.elsa_band_kernel))
+_band_bwd_attn = triton.autotune(configs=_configs(BAND_BWD_TILES), key=_KEY + ["NEED_ATTN", "NEED_ADD", "WRITE_LSE"],
+                                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["gd_ptr"])(
+    triton.heuristics(dict(_SPAN, ALL_C=lambda args: args["C"] <= args["BLOCK_C"],
+                           KP=lambda args: triton.next_power_of_2(args["K"])))(
+        kernels_tc.elsa_band_bwd_attn_kernel))
+
+
+def _grid(n: int, c: int, h: int, w: int, per_channel_block: bool):
+    def grid(meta):
+        blocks = triton.cdiv(c, meta["BLOCK_C"]) if per_channel_block else 1
+        return (n * blocks * triton.cdiv(h, meta["TILE_H"]) * triton.cdiv(w, meta["TILE_W"]),)
+    return grid
+
+
+def _strides(t: Optional[Tensor]) -> tuple[int, int, int, int]:
+    return (0, 0, 0, 0) if t is None else tuple(t.stride())
+
+
+def band_aggregate(src: Tensor, attn: Tensor, ghost_add: Optional[Tensor], lse: Optional[Tensor],
+                   kernel_size: int, dilation: int, softmax: bool, transposed: bool) -> Tensor:
+    """Forward (src = v) or v-gradient (src = grad, ``transposed``; with ``softmax`` needs ``lse``)."""
+    n, c, h, w = src.shape
+    out = src.new_empty((n, c, h, w))
+    _band[_grid(n, c, h, w, True)](
+        src, attn, ghost_add if ghost_add is not None else src, lse if lse is not None else out, out,
+        c, h, w, *src.stride(), *attn.stride(), *_strides(ghost_add),
+        K=kernel_size, DIL=dilation, HAS_ADD=ghost_add is not None, SOFTMAX=softmax, TRANSPOSED=transposed,
+        UPCAST_DOT=INTERPRET,
+    )
+    return out
+
+
+def backward(grad: Tensor, v: Tensor, attn: Tensor, ghost_add: Optional[Tensor], kernel_size: int, dilation: int,
+             softmax: bool, need_v: bool, need_attn: bool, need_add: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad v, grad attn or logits, grad ghost_add); an empty tensor for one not asked for."""
+    n, c, h, w = v.shape
+    kk = kernel_size * kernel_size
+    need_add = need_add and ghost_add is not None
+    empty = lambda: v.new_empty(0)  # noqa: E731
+    # With the softmax the attention gradient dp stays float32 until the softmax backward has used it.
+    ga = torch.empty((n, kk, h, w), device=v.device, dtype=torch.float32 if softmax else attn.dtype) \
+        if need_attn else None
+    gd = torch.zeros((n, c, kk), device=v.device, dtype=torch.float32) if need_add else None
+    lse = torch.empty((n, h, w), device=v.device, dtype=torch.float32) if softmax and need_v else None
+    dummy = torch.empty(1, device=v.device, dtype=torch.float32)
+    if need_attn or need_add or lse is not None:
+        _band_bwd_attn[_grid(n, c, h, w, False)](
+            grad, v, attn, ga if ga is not None else dummy, gd if gd is not None else dummy,
+            lse if lse is not None else dummy,
+            c, h, w, *grad.stride(), *v.stride(), *attn.stride(),
+            K=kernel_size, DIL=dilation, SOFTMAX=softmax, WRITE_LSE=lse is not None,
+            NEED_ATTN=need_attn, NEED_ADD=need_add, UPCAST_DOT=INTERPRET,
+        )
+    gv = band_aggregate(grad, attn, ghost_add, lse, kernel_size, dilation, softmax, True) if need_v else empty()
+    ga = ga.to(attn.dtype) if ga is not None else empty()
+    gd = gd.reshape(n, c, kernel_size, kernel_size).to(v.dtype) if gd is not None else empty()
+    return gv, ga, gd

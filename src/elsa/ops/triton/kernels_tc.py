@@ -1,0 +1,274 @@
+"""Tensor-core Triton kernels for ELSA aggregation at stride 1 (row-band products). Only ``@triton.jit`` here.
+
+Notation as in ``kernels.py``: v (N, C, H, W), logits/attention a (N, K*K, H, W), additive ghost d (N, C, K, K);
+neighbour k = i*K + j of pixel (y, x) reads v at (y + (i - K//2)*R, x + (j - K//2)*R), zero outside the image.
+
+A program owns a TILE_H x TILE_W tile of pixels and a block of channels. For each neighbour row i the tile's
+pixel row ty reads one source row, and its pixels read K columns of the same ``SPAN``-wide window of it
+(SPAN >= TILE_W + (K-1)*R): the attention of the row to that window is a band matrix A_i (TILE_W x SPAN), and
+the aggregation is the batched product A_i (TILE_H, TILE_W, SPAN) @ V_i (TILE_H, SPAN, BLOCK_C) on tensor
+cores. The band is gathered straight from the logits (masked loads: only K of SPAN entries per row are read)
+and turned into probabilities as it is loaded, from per-pixel softmax statistics of a first pass.
+
+The additive ghost does not depend on the pixel: for channel c it is a Toeplitz band T_i[c] (SPAN x TILE_W)
+with T_i[c][s, tx] = d[c, i, (s - tx)/R], and its term is the batched product
+V_i^T (BLOCK_C, TILE_H, SPAN) @ T_i (BLOCK_C, SPAN, TILE_W), built once per program and neighbour row.
+The multiplicative ghost (m * a) is not a product of two matrices; it stays on the CUDA-core kernels.
+
+``TRANSPOSED`` turns the same kernel into the v-gradient: gv[c, y, x] = sum_k g[c, q] * (a[k, q] + d[c, k])
+with q = (y - (i - K//2)*R, x - (j - K//2)*R), i.e. neighbour rows and columns reflected and the attention
+read at the source position q (with the softmax, from the log-sum-exp the attention-gradient kernel wrote).
+
+Products run in the storage dtype (float16/bfloat16) with float32 accumulation; float32 inputs use the
+CUDA-core kernels (tl.dot would default to TF32). ``UPCAST_DOT`` is for Triton's CPU interpreter only, whose
+bfloat16 ``tl.dot`` multiplies raw bit patterns: the operands are rounded to the storage dtype and then
+upcast, which is what the tensor cores compute (exact products, float32 sums).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_NEG_BIG = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _sample(n, s_n):
+    """Offset of sample n of the flattened batch. The one place a (batch, head) addressing would change."""
+    return n * s_n
+
+
+@triton.jit
+def _tile_pid(H, W, C, BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """(n as int64, first channel, first row, first column) of this program; 1-D grid, tiles fastest."""
+    tiles_w = tl.cdiv(W, TILE_W)
+    tiles = tl.cdiv(H, TILE_H) * tiles_w
+    pid = tl.program_id(0)
+    t = pid % tiles
+    nc = pid // tiles
+    num_cb = tl.cdiv(C, BLOCK_C)
+    return (nc // num_cb).to(tl.int64), (nc % num_cb) * BLOCK_C, (t // tiles_w) * TILE_H, (t % tiles_w) * TILE_W
+
+
+@triton.jit
+def _band_index(TILE_W: tl.constexpr, SPAN: tl.constexpr, K: tl.constexpr, DIL: tl.constexpr,
+                TRANSPOSED: tl.constexpr):
+    """(j, valid), each (1, TILE_W, SPAN): the neighbour column j that links pixel column tx to window
+    column s, and whether one does. Independent of the neighbour row: computed once per program."""
+    tx = tl.arange(0, TILE_W)[None, :, None]
+    s = tl.arange(0, SPAN)[None, None, :]
+    off = s - tx
+    jo = off // DIL
+    valid = (off >= 0) & (off % DIL == 0) & (jo < K)
+    if TRANSPOSED:
+        j = K - 1 - jo
+    else:
+        j = jo
+    return tl.where(valid, j, 0), valid
+
+
+@triton.jit
+def _pixel_softmax_stats(a_base, sa_k, sa_h, sa_w, y, x, inside, KK: tl.constexpr):
+    """(max, 1/sum exp) over the KK logits of each pixel of the tile (shape of ``y + x``)."""
+    off = y * sa_h + x * sa_w
+    mx = tl.full(off.shape, _NEG_BIG, tl.float32)
+    sm = tl.zeros(off.shape, tl.float32)
+    for k in range(KK):
+        lg = tl.load(a_base + k * sa_k + off, mask=inside, other=0.0).to(tl.float32)
+        new_mx = tl.maximum(mx, lg)
+        sm = sm * tl.exp(mx - new_mx) + tl.exp(lg - new_mx)
+        mx = new_mx
+    return mx, 1.0 / sm
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST_DOT: tl.constexpr):
+    """acc + a @ b on tensor cores; a and b are already in the storage dtype."""
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def elsa_band_kernel(
+    src_ptr, a_ptr, d_ptr, lse_ptr, out_ptr,
+    C, H, W,
+    ss_n, ss_c, ss_h, ss_w,
+    sa_n, sa_k, sa_h, sa_w,
+    sd_n, sd_c, sd_i, sd_j,
+    K: tl.constexpr, DIL: tl.constexpr,
+    HAS_ADD: tl.constexpr, SOFTMAX: tl.constexpr, TRANSPOSED: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, SPAN: tl.constexpr,
+):
+    """Forward (src = v) or, with TRANSPOSED, v-gradient (src = grad of out). out (N, C, H, W) contiguous.
+
+    Grid: (N * channel blocks * pixel tiles,), tiles fastest. lse (N, H, W) float32 is read only when
+    TRANSPOSED and SOFTMAX."""
+    n, c0, y0, x0 = _tile_pid(H, W, C, BLOCK_C, TILE_H, TILE_W)
+    KK: tl.constexpr = K * K
+    HALF: tl.constexpr = (K // 2) * DIL
+
+    ty = tl.arange(0, TILE_H)
+    tx = tl.arange(0, TILE_W)
+    sw = tl.arange(0, SPAN)
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    y = y0 + ty
+    x = x0 + tx
+    xs = x0 - HALF + sw  # source columns of the window
+    in_xs = (xs >= 0) & (xs < W)
+
+    src_base = src_ptr + _sample(n, ss_n)
+    a_base = a_ptr + _sample(n, sa_n)
+    d_base = d_ptr + _sample(n, sd_n)
+    j, valid = _band_index(TILE_W, SPAN, K, DIL, TRANSPOSED)
+
+    if SOFTMAX and not TRANSPOSED:
+        inside = (y[:, None] < H) & (x[None, :] < W)
+        mx, inv = _pixel_softmax_stats(a_base, sa_k, sa_h, sa_w, y[:, None], x[None, :], inside, KK)
+
+    acc = tl.zeros([TILE_H, TILE_W, BLOCK_C], tl.float32)
+    if HAS_ADD:
+        gacc = tl.zeros([BLOCK_C, TILE_H, TILE_W], tl.float32)
+    for ii in range(K):
+        if TRANSPOSED:
+            i = K - 1 - ii
+        else:
+            i = ii
+        ys = y + (ii * DIL - HALF)  # source row of each tile row
+        in_ys = (ys >= 0) & (ys < H)
+        # V_i (TILE_H, SPAN, BLOCK_C), zero outside the image and past C.
+        v_mask = in_ys[:, None, None] & in_xs[None, :, None] & mask_c[None, None, :]
+        v_ptrs = (src_base + (ys * ss_h)[:, None, None] + (xs * ss_w)[None, :, None]
+                  + (offs_c * ss_c)[None, None, :])
+        vt = tl.load(v_ptrs, mask=v_mask, other=0.0)
+
+        # A_i (TILE_H, TILE_W, SPAN): the band of attention, gathered from the logits.
+        k = i * K + j
+        if TRANSPOSED:  # attention at the source pixel (ys, xs)
+            band = valid & (in_ys[:, None, None] & in_xs[None, None, :])
+            a_ptrs = a_base + k * sa_k + (ys * sa_h)[:, None, None] + (xs * sa_w)[None, None, :]
+        else:  # attention at the output pixel (y, x)
+            band = valid & ((y < H)[:, None, None] & (x < W)[None, :, None])
+            a_ptrs = a_base + k * sa_k + (y * sa_h)[:, None, None] + (x * sa_w)[None, :, None]
+        lg = tl.load(a_ptrs, mask=band, other=0.0).to(tl.float32)
+        if SOFTMAX:
+            if TRANSPOSED:
+                lse = tl.load(lse_ptr + n * H * W + (ys * W)[:, None] + xs[None, :],
+                              mask=in_ys[:, None] & in_xs[None, :], other=0.0)
+                lg = tl.exp(lg - lse[:, None, :])
+            else:
+                lg = tl.exp(lg - mx[:, :, None]) * inv[:, :, None]
+        att = tl.where(band, lg, 0.0)
+        acc = _dot(att.to(vt.dtype), vt, acc, UPCAST_DOT)
+
+        if HAS_ADD:
+            # T_i (BLOCK_C, SPAN, TILE_W): per-channel Toeplitz band of the ghost row i.
+            tj = tl.permute(j, (0, 2, 1))
+            t_mask = tl.permute(valid, (0, 2, 1)) & mask_c[:, None, None]
+            ghost = tl.load(d_base + (offs_c * sd_c)[:, None, None] + i * sd_i + tj * sd_j, mask=t_mask, other=0.0)
+            gacc = _dot(tl.permute(vt, (2, 0, 1)), ghost.to(vt.dtype), gacc, UPCAST_DOT)
+
+    if HAS_ADD:
+        acc += tl.permute(gacc, (1, 2, 0))
+    out_ptrs = (out_ptr + (n * C + offs_c)[None, None, :] * (H * W) + (y * W)[:, None, None]
+                + x[None, :, None])
+    mask = (y < H)[:, None, None] & (x < W)[None, :, None] & mask_c[None, None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def elsa_band_bwd_attn_kernel(
+    g_ptr, v_ptr, a_ptr, ga_ptr, gd_ptr, lse_ptr,
+    C, H, W,
+    sg_n, sg_c, sg_h, sg_w,
+    sv_n, sv_c, sv_h, sv_w,
+    sa_n, sa_k, sa_h, sa_w,
+    K: tl.constexpr, DIL: tl.constexpr,
+    SOFTMAX: tl.constexpr, WRITE_LSE: tl.constexpr, NEED_ATTN: tl.constexpr, NEED_ADD: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, ALL_C: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, SPAN: tl.constexpr, KP: tl.constexpr,
+):
+    """Gradients of the attention (or logits) and of the additive ghost. Grid: (N * pixel tiles,).
+
+    For neighbour row i, the products of the tile's gradient rows with the v window,
+    GV_i = G (TILE_H, TILE_W, C) @ V_i^T (TILE_H, C, SPAN), hold dp[k, p] = sum_c g[c, p] v[c, q_k(p)] on
+    their band (gathered out with ``tl.gather``); per channel, M_i[c] = G[c]^T (TILE_W, TILE_H) @ V_i[c]
+    (TILE_H, SPAN) holds the ghost gradient sum_p g[c, p] v[c, q_k(p)] on its band, summed over the tile's
+    columns and added atomically (float32) to gd (N, C, K*K). ga (N, K*K, H, W) is contiguous; with SOFTMAX it
+    must be float32: it first receives dp, kept in float32 for the softmax backward
+    d logit_k = p_k (dp_k - sum_k' p_k' dp_k'), which then overwrites it in place.
+    """
+    n, _, y0, x0 = _tile_pid(H, W, 1, 1, TILE_H, TILE_W)
+    KK: tl.constexpr = K * K
+    HALF: tl.constexpr = (K // 2) * DIL
+
+    ty = tl.arange(0, TILE_H)
+    tx = tl.arange(0, TILE_W)
+    y = y0 + ty
+    x = x0 + tx
+    xs = x0 - HALF + tl.arange(0, SPAN)
+    in_xs = (xs >= 0) & (xs < W)
+    in_p = (y < H)[:, None] & (x < W)[None, :]
+    jk = tl.arange(0, KP)
+    # Window column of neighbour column j of pixel column tx (clamped where j >= K: never stored).
+    band_idx = tl.minimum(tx[:, None] + jk[None, :] * DIL, SPAN - 1)
+    store_mask = in_p[:, :, None] & (jk < K)[None, None, :]
+
+    g_base = g_ptr + _sample(n, sg_n)
+    v_base = v_ptr + _sample(n, sv_n)
+    a_base = a_ptr + _sample(n, sa_n)
+    p_off = (y * sa_h)[:, None] + (x * sa_w)[None, :]
+    ga_base = ga_ptr + n * KK * H * W + (y * W)[:, None] + x[None, :]
+    if SOFTMAX:
+        mx, inv = _pixel_softmax_stats(a_base, sa_k, sa_h, sa_w, y[:, None], x[None, :], in_p, KK)
+        if WRITE_LSE:
+            tl.store(lse_ptr + n * H * W + (y * W)[:, None] + x[None, :], mx - tl.log(inv), mask=in_p)
+        pdp = tl.zeros([TILE_H, TILE_W], tl.float32)
+
+    if ALL_C:  # one channel block: the gradient tile is loaded once
+        offs_c = tl.arange(0, BLOCK_C)
+        g_all = tl.load(g_base + (y * sg_h)[:, None, None] + (x * sg_w)[None, :, None] + (offs_c * sg_c)[None, None, :],
+                        mask=in_p[:, :, None] & (offs_c < C)[None, None, :], other=0.0)
+    for i in range(K):
+        ys = y + (i * DIL - HALF)
+        in_ys = (ys >= 0) & (ys < H)
+        gv = tl.zeros([TILE_H, TILE_W, SPAN], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < C
+            if ALL_C:
+                gt = g_all
+            else:
+                gt = tl.load(g_base + (y * sg_h)[:, None, None] + (x * sg_w)[None, :, None]
+                             + (offs_c * sg_c)[None, None, :], mask=in_p[:, :, None] & mask_c[None, None, :], other=0.0)
+            vt = tl.load(v_base + (ys * sv_h)[:, None, None] + (xs * sv_w)[None, None, :]
+                         + (offs_c * sv_c)[None, :, None],
+                         mask=in_ys[:, None, None] & mask_c[None, :, None] & in_xs[None, None, :], other=0.0)
+            if NEED_ATTN:
+                gv = _dot(gt, vt, gv, UPCAST_DOT)
+            if NEED_ADD:
+                m = _dot(tl.permute(gt, (2, 1, 0)), tl.permute(vt, (1, 0, 2)),
+                         tl.zeros([BLOCK_C, TILE_W, SPAN], tl.float32), UPCAST_DOT)
+                idx = tl.broadcast_to(band_idx[None, :, :], [BLOCK_C, TILE_W, KP])
+                gd = tl.sum(tl.gather(m, idx, 2), axis=1)  # (BLOCK_C, KP)
+                tl.atomic_add(gd_ptr + (n * C + offs_c[:, None]) * KK + i * K + jk[None, :], gd,
+                              mask=mask_c[:, None] & (jk < K)[None, :], sem="relaxed")
+        if NEED_ATTN:
+            dp = tl.gather(gv, tl.broadcast_to(band_idx[None, :, :], [TILE_H, TILE_W, KP]), 2)
+            k = i * K + jk[None, None, :]
+            tl.store(ga_base[:, :, None] + k * H * W, dp.to(ga_ptr.dtype.element_ty), mask=store_mask)
+            if SOFTMAX:
+                lg = tl.load(a_base + k * sa_k + p_off[:, :, None], mask=store_mask, other=0.0).to(tl.float32)
+                prob = tl.where(store_mask, tl.exp(lg - mx[:, :, None]) * inv[:, :, None], 0.0)
+                pdp += tl.sum(prob * dp, axis=2)
+
+    if SOFTMAX and NEED_ATTN:
+        # Read back what this program wrote (through L1/L2); the barrier orders every thread's stores first.
+        tl.debug_barrier()
+        for k in range(KK):
+            lg = tl.load(a_base + k * sa_k + p_off, mask=in_p, other=0.0).to(tl.float32)
+            ga_ptrs = ga_base + k * H * W
+            dp = tl.load(ga_ptrs, mask=in_p, other=0.0)
+            tl.store(ga_ptrs, tl.exp(lg - mx) * inv * (dp - pdp), mask=in_p)
