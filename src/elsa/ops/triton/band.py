@@ -95,21 +95,22 @@ def backward(grad: Tensor, v: Tensor, attn: Tensor, ghost_add: Optional[Tensor],
     kk = kernel_size * kernel_size
     need_add = need_add and ghost_add is not None
     empty = lambda: v.new_empty(0)  # noqa: E731
-    # With the softmax the attention gradient dp stays float32 until the softmax backward has used it.
-    ga = torch.empty((n, kk, h, w), device=v.device, dtype=torch.float32 if softmax else attn.dtype) \
-        if need_attn else None
+    ga = attn.new_empty((n, kk, h, w)) if need_attn else None
+    # With the softmax, dp = sum_c g * v_k stays float32 until the softmax backward has used it.
+    dp = torch.empty((n, kk, h, w), device=v.device, dtype=torch.float32) if need_attn and softmax else None
     gd = torch.zeros((n, c, kk), device=v.device, dtype=torch.float32) if need_add else None
     lse = torch.empty((n, h, w), device=v.device, dtype=torch.float32) if softmax and need_v else None
     dummy = torch.empty(1, device=v.device, dtype=torch.float32)
     if need_attn or need_add or lse is not None:
         _band_bwd_attn[_grid(n, c, h, w, False)](
-            grad, v, attn, ga if ga is not None else dummy, gd if gd is not None else dummy,
+            grad, v, attn, ga if ga is not None else dummy, dp if dp is not None else dummy,
+            gd if gd is not None else dummy,
             lse if lse is not None else dummy,
             c, h, w, *grad.stride(), *v.stride(), *attn.stride(),
             K=kernel_size, DIL=dilation, SOFTMAX=softmax, WRITE_LSE=lse is not None,
             NEED_ATTN=need_attn, NEED_ADD=need_add, UPCAST_DOT=INTERPRET,
         )
     gv = band_aggregate(grad, attn, ghost_add, lse, kernel_size, dilation, softmax, True) if need_v else empty()
-    ga = ga.to(attn.dtype) if ga is not None else empty()
+    ga = ga if ga is not None else empty()
     gd = gd.reshape(n, c, kernel_size, kernel_size).to(v.dtype) if gd is not None else empty()
     return gv, ga, gd

@@ -180,7 +180,7 @@ def elsa_band_kernel(
 
 @triton.jit
 def elsa_band_bwd_attn_kernel(
-    g_ptr, v_ptr, a_ptr, ga_ptr, gd_ptr, lse_ptr,
+    g_ptr, v_ptr, a_ptr, ga_ptr, dp_ptr, gd_ptr, lse_ptr,
     C, H, W,
     sg_n, sg_c, sg_h, sg_w,
     sv_n, sv_c, sv_h, sv_w,
@@ -196,9 +196,10 @@ def elsa_band_bwd_attn_kernel(
     GV_i = G (TILE_H, TILE_W, C) @ V_i^T (TILE_H, C, SPAN), hold dp[k, p] = sum_c g[c, p] v[c, q_k(p)] on
     their band (gathered out with ``tl.gather``); per channel, M_i[c] = G[c]^T (TILE_W, TILE_H) @ V_i[c]
     (TILE_H, SPAN) holds the ghost gradient sum_p g[c, p] v[c, q_k(p)] on its band, summed over the tile's
-    columns and added atomically (float32) to gd (N, C, K*K). ga (N, K*K, H, W) is contiguous; with SOFTMAX it
-    must be float32: it first receives dp, kept in float32 for the softmax backward
-    d logit_k = p_k (dp_k - sum_k' p_k' dp_k'), which then overwrites it in place.
+    columns and added atomically (float32) to gd (N, C, K*K). ga (N, K*K, H, W) is contiguous. With SOFTMAX,
+    dp goes first to the float32 scratch dp (N, K*K, H, W): the softmax backward
+    d logit_k = p_k (dp_k - sum_k' p_k' dp_k') reads it back in float32 (rounded to bfloat16 it would cost more
+    than the bfloat16 tolerance) and writes ga in its own dtype.
     """
     n, _, y0, x0 = _tile_pid(H, W, 1, 1, TILE_H, TILE_W)
     KK: tl.constexpr = K * K
@@ -220,7 +221,11 @@ def elsa_band_bwd_attn_kernel(
     v_base = v_ptr + _sample(n, sv_n)
     a_base = a_ptr + _sample(n, sa_n)
     p_off = (y * sa_h)[:, None] + (x * sa_w)[None, :]
-    ga_base = ga_ptr + n * KK * H * W + (y * W)[:, None] + x[None, :]
+    pix = n * KK * H * W + (y * W)[:, None] + x[None, :]
+    if SOFTMAX:
+        dp_base = dp_ptr + pix
+    else:
+        dp_base = ga_ptr + pix
     if SOFTMAX:
         mx, inv = _pixel_softmax_stats(a_base, sa_k, sa_h, sa_w, y[:, None], x[None, :], in_p, KK)
         if WRITE_LSE:
@@ -258,7 +263,7 @@ def elsa_band_bwd_attn_kernel(
         if NEED_ATTN:
             dp = tl.gather(gv, tl.broadcast_to(band_idx[None, :, :], [TILE_H, TILE_W, KP]), 2)
             k = i * K + jk[None, None, :]
-            tl.store(ga_base[:, :, None] + k * H * W, dp.to(ga_ptr.dtype.element_ty), mask=store_mask)
+            tl.store(dp_base[:, :, None] + k * H * W, dp.to(dp_base.dtype.element_ty), mask=store_mask)
             if SOFTMAX:
                 lg = tl.load(a_base + k * sa_k + p_off[:, :, None], mask=store_mask, other=0.0).to(tl.float32)
                 prob = tl.where(store_mask, tl.exp(lg - mx[:, :, None]) * inv[:, :, None], 0.0)
@@ -269,6 +274,6 @@ def elsa_band_bwd_attn_kernel(
         tl.debug_barrier()
         for k in range(KK):
             lg = tl.load(a_base + k * sa_k + p_off, mask=in_p, other=0.0).to(tl.float32)
-            ga_ptrs = ga_base + k * H * W
-            dp = tl.load(ga_ptrs, mask=in_p, other=0.0)
-            tl.store(ga_ptrs, tl.exp(lg - mx) * inv * (dp - pdp), mask=in_p)
+            dp = tl.load(dp_base + k * H * W, mask=in_p, other=0.0)
+            tl.store(ga_ptr + pix + k * H * W, (tl.exp(lg - mx) * inv * (dp - pdp)).to(ga_ptr.dtype.element_ty),
+                     mask=in_p)
