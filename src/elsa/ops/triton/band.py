@@ -35,8 +35,21 @@ def applies(v: Tensor, ghost_mul: Optional[Tensor], stride: int) -> bool:
 
 
 def span(tile_w: int, kernel_size: int, dilation: int) -> int:
-    """Width of the source window of a row of TILE_W pixels: a power of two (a tl.dot dimension)."""
-    return triton.next_power_of_2(tile_w + (kernel_size - 1) * dilation)
+    """Width of the source window of a row of TILE_W pixels: a power of two (a tl.dot dimension). The window
+    starts K//2 * dilation rounded up to 8 columns left of the tile (kernels_tc._pad)."""
+    half = (kernel_size // 2) * dilation
+    return triton.next_power_of_2(tile_w + half + (half + 7) // 8 * 8)
+
+
+def _as_src(args: dict, name: str) -> dict:
+    """The arguments with tensor ``name``'s pointer and strides under the names _aligned reads."""
+    return dict(args, src_ptr=args[f"{name}_ptr"], **{f"ss_{d}": args[f"s{name}_{d}"] for d in "nchw"})
+
+
+def _aligned(args: dict) -> bool:
+    """Whether the source's rows are whole 16-byte chunks (kernels_tc._window_columns)."""
+    return (args["W"] % 8 == 0 and args["ss_w"] == 1 and args["ss_h"] % 8 == 0 and args["ss_c"] % 8 == 0
+            and args["ss_n"] % 8 == 0 and args["src_ptr"].data_ptr() % 16 == 0)
 
 
 def _configs(tiles):
@@ -53,13 +66,16 @@ def _prune(configs, named_args, **kwargs):
 
 _SPAN = {"SPAN": lambda args: span(args["TILE_W"], args["K"], args["DIL"])}
 _KEY = ["C", "H", "W", "K", "DIL", "SOFTMAX"]
+_KP = {"KP": lambda args: triton.next_power_of_2(args["K"])}
 _band = triton.autotune(configs=_configs(BAND_TILES), key=_KEY + ["TRANSPOSED", "HAS_ADD"],
                         prune_configs_by={"early_config_prune": _prune})(
-    triton.heuristics(_SPAN)(kernels_tc.elsa_band_kernel))
+    triton.heuristics(dict(_SPAN, **_KP, EVEN_C=lambda args: args["C"] % args["BLOCK_C"] == 0, ALIGNED=_aligned))(
+        kernels_tc.elsa_band_kernel))
 _band_bwd_attn = triton.autotune(configs=_configs(BAND_BWD_TILES), key=_KEY + ["NEED_ATTN", "NEED_ADD", "WRITE_LSE"],
                                  prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["gd_ptr"])(
-    triton.heuristics(dict(_SPAN, ALL_C=lambda args: args["C"] <= args["BLOCK_C"],
-                           KP=lambda args: triton.next_power_of_2(args["K"])))(
+    triton.heuristics(dict(_SPAN, **_KP, ALL_C=lambda args: args["C"] <= args["BLOCK_C"],
+                           ALIGNED=lambda args: _aligned(_as_src(args, "v")),
+                           G_ALIGNED=lambda args: _aligned(_as_src(args, "g"))))(
         kernels_tc.elsa_band_bwd_attn_kernel))
 
 

@@ -54,10 +54,11 @@ def _tile_pid(H, W, C, BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.c
 def _band_index(TILE_W: tl.constexpr, SPAN: tl.constexpr, K: tl.constexpr, DIL: tl.constexpr,
                 TRANSPOSED: tl.constexpr):
     """(j, valid), each (1, TILE_W, SPAN): the neighbour column j that links pixel column tx to window
-    column s, and whether one does. Independent of the neighbour row: computed once per program."""
+    column s (source column x0 - _pad(K, DIL) + s), and whether one does. Independent of the neighbour row:
+    computed once per program."""
     tx = tl.arange(0, TILE_W)[None, :, None]
     s = tl.arange(0, SPAN)[None, None, :]
-    off = s - tx
+    off = s - tx - (_pad(K, DIL) - (K // 2) * DIL)
     jo = off // DIL
     valid = (off >= 0) & (off % DIL == 0) & (jo < K)
     if TRANSPOSED:
@@ -68,17 +69,50 @@ def _band_index(TILE_W: tl.constexpr, SPAN: tl.constexpr, K: tl.constexpr, DIL: 
 
 
 @triton.jit
-def _pixel_softmax_stats(a_base, sa_k, sa_h, sa_w, y, x, inside, KK: tl.constexpr):
-    """(max, 1/sum exp) over the KK logits of each pixel of the tile (shape of ``y + x``)."""
+def _pad(K: tl.constexpr, DIL: tl.constexpr):
+    """Columns the source window starts left of the tile: K//2 * DIL rounded up to 8, so that with ALIGNED
+    the window is whole 16-byte chunks of bf16/fp16."""
+    return ((K // 2) * DIL + 7) // 8 * 8
+
+
+@triton.jit
+def _window_columns(x0, W, ALIGNED: tl.constexpr, SPAN: tl.constexpr, PAD: tl.constexpr):
+    """(source columns, inside the image) of the window. With ALIGNED (W % 8 == 0) the test is made per
+    8-column chunk, which gives the same answer and lets the compiler see the mask constant over a
+    vector: v loads become 16-byte loads."""
+    sw = tl.arange(0, SPAN)
+    xs = x0 - PAD + sw
+    if ALIGNED:
+        chunk = x0 - PAD + (sw // 8) * 8
+        return xs, (chunk >= 0) & (chunk < W)
+    else:
+        return xs, (xs >= 0) & (xs < W)
+
+
+@triton.jit
+def _pixel_softmax_stats(a_base, sa_k, sa_h, sa_w, y, x, inside, K: tl.constexpr, KP: tl.constexpr):
+    """(max, 1/sum exp) over the K*K logits of each pixel of the tile (shape of ``y + x``), one logit per
+    pixel at a time. (Loading a neighbour row of logits at once and reducing it is slower: the reduction
+    crosses threads, as the pixel tile is laid out for the products.)"""
     off = y * sa_h + x * sa_w
     mx = tl.full(off.shape, _NEG_BIG, tl.float32)
     sm = tl.zeros(off.shape, tl.float32)
-    for k in range(KK):
+    for k in range(K * K):
         lg = tl.load(a_base + k * sa_k + off, mask=inside, other=0.0).to(tl.float32)
         new_mx = tl.maximum(mx, lg)
         sm = sm * tl.exp(mx - new_mx) + tl.exp(lg - new_mx)
         mx = new_mx
     return mx, 1.0 / sm
+
+
+@triton.jit
+def _load_g(g_base, y, x, offs_c, sg_c, sg_h, sg_w, mask, G_ALIGNED: tl.constexpr):
+    """The (TILE_H, TILE_W, BLOCK_C) tile of the output gradient."""
+    ptrs = g_base + (y * sg_h)[:, None, None] + (x * sg_w)[None, :, None] + (offs_c * sg_c)[None, None, :]
+    if G_ALIGNED:
+        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [1, 16, 1]), [1, 8, 1])
+        mask = tl.max_constancy(mask, [1, 8, 1])
+    return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -99,34 +133,47 @@ def elsa_band_kernel(
     sd_n, sd_c, sd_i, sd_j,
     K: tl.constexpr, DIL: tl.constexpr,
     HAS_ADD: tl.constexpr, SOFTMAX: tl.constexpr, TRANSPOSED: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, SPAN: tl.constexpr,
+    EVEN_C: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, SPAN: tl.constexpr, KP: tl.constexpr,
 ):
     """Forward (src = v) or, with TRANSPOSED, v-gradient (src = grad of out). out (N, C, H, W) contiguous.
 
     Grid: (N * channel blocks * pixel tiles,), tiles fastest. lse (N, H, W) float32 is read only when
-    TRANSPOSED and SOFTMAX."""
+    TRANSPOSED and SOFTMAX. The K logits of a neighbour row are loaded compactly (KP = next power of two of K
+    per pixel, a quarter of the band's entries), turned into probabilities there, and spread onto the band with
+    ``tl.gather``; the ghost row is spread onto its Toeplitz band the same way. EVEN_C: C % BLOCK_C == 0.
+    ALIGNED: W % 8 == 0, unit column stride, other src strides multiples of 8, src 16-byte aligned.
+    """
     n, c0, y0, x0 = _tile_pid(H, W, C, BLOCK_C, TILE_H, TILE_W)
     KK: tl.constexpr = K * K
     HALF: tl.constexpr = (K // 2) * DIL
+    if ALIGNED:
+        ss_n = tl.multiple_of(ss_n, 8)
+        ss_c = tl.multiple_of(ss_c, 8)
+        ss_h = tl.multiple_of(ss_h, 8)
 
     ty = tl.arange(0, TILE_H)
     tx = tl.arange(0, TILE_W)
-    sw = tl.arange(0, SPAN)
+    jk = tl.arange(0, KP)
     offs_c = c0 + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    if EVEN_C:
+        mask_c = tl.full([BLOCK_C], 1, tl.int1)
+    else:
+        mask_c = offs_c < C
     y = y0 + ty
     x = x0 + tx
-    xs = x0 - HALF + sw  # source columns of the window
-    in_xs = (xs >= 0) & (xs < W)
+    xs, in_xs = _window_columns(x0, W, ALIGNED, SPAN, _pad(K, DIL))
+    in_p = (y < H)[:, None] & (x < W)[None, :]
 
     src_base = src_ptr + _sample(n, ss_n)
     a_base = a_ptr + _sample(n, sa_n)
     d_base = d_ptr + _sample(n, sd_n)
-    j, valid = _band_index(TILE_W, SPAN, K, DIL, TRANSPOSED)
+    j, valid = _band_index(TILE_W, SPAN, K, DIL, TRANSPOSED)  # (1, TILE_W, SPAN)
+    j_t = tl.permute(j, (0, 2, 1))  # (1, SPAN, TILE_W)
+    valid_t = tl.permute(valid, (0, 2, 1))
 
     if SOFTMAX and not TRANSPOSED:
-        inside = (y[:, None] < H) & (x[None, :] < W)
-        mx, inv = _pixel_softmax_stats(a_base, sa_k, sa_h, sa_w, y[:, None], x[None, :], inside, KK)
+        mx, inv = _pixel_softmax_stats(a_base, sa_k, sa_h, sa_w, y[:, None], x[None, :], in_p, K, KP)
 
     acc = tl.zeros([TILE_H, TILE_W, BLOCK_C], tl.float32)
     if HAS_ADD:
@@ -142,40 +189,44 @@ def elsa_band_kernel(
         v_mask = in_ys[:, None, None] & in_xs[None, :, None] & mask_c[None, None, :]
         v_ptrs = (src_base + (ys * ss_h)[:, None, None] + (xs * ss_w)[None, :, None]
                   + (offs_c * ss_c)[None, None, :])
+        if ALIGNED:  # what the compiler cannot prove: 8-column chunks, aligned, masked as a whole
+            v_ptrs = tl.max_contiguous(tl.multiple_of(v_ptrs, [1, 16, 1]), [1, 8, 1])
+            v_mask = tl.max_constancy(v_mask, [1, 8, 1])
         vt = tl.load(v_ptrs, mask=v_mask, other=0.0)
 
-        # A_i (TILE_H, TILE_W, SPAN): the band of attention, gathered from the logits.
-        k = i * K + j
-        if TRANSPOSED:  # attention at the source pixel (ys, xs)
-            band = valid & (in_ys[:, None, None] & in_xs[None, None, :])
-            a_ptrs = a_base + k * sa_k + (ys * sa_h)[:, None, None] + (xs * sa_w)[None, None, :]
-        else:  # attention at the output pixel (y, x)
-            band = valid & ((y < H)[:, None, None] & (x < W)[None, :, None])
-            a_ptrs = a_base + k * sa_k + (y * sa_h)[:, None, None] + (x * sa_w)[None, :, None]
-        lg = tl.load(a_ptrs, mask=band, other=0.0).to(tl.float32)
-        if SOFTMAX:
-            if TRANSPOSED:
-                lse = tl.load(lse_ptr + n * H * W + (ys * W)[:, None] + xs[None, :],
-                              mask=in_ys[:, None] & in_xs[None, :], other=0.0)
-                lg = tl.exp(lg - lse[:, None, :])
-            else:
+        # A_i (TILE_H, TILE_W, SPAN): the band of attention, spread from the compact logits of the row.
+        k = i * K + jk
+        if TRANSPOSED:  # attention at the source pixel (ys, xs): compact (TILE_H, SPAN, KP)
+            src_in = in_ys[:, None] & in_xs[None, :]
+            lg = tl.load(a_base + (ys * sa_h)[:, None, None] + (xs * sa_w)[None, :, None] + (k * sa_k)[None, None, :],
+                         mask=src_in[:, :, None] & (jk < K)[None, None, :], other=0.0).to(tl.float32)
+            if SOFTMAX:
+                lse = tl.load(lse_ptr + n * H * W + (ys * W)[:, None] + xs[None, :], mask=src_in, other=0.0)
+                lg = tl.exp(lg - lse[:, :, None])
+            att = tl.permute(tl.gather(lg, tl.broadcast_to(j_t, [TILE_H, SPAN, TILE_W]), 2), (0, 2, 1))
+        else:  # attention at the output pixel (y, x): compact (TILE_H, TILE_W, KP)
+            lg = tl.load(a_base + (y * sa_h)[:, None, None] + (x * sa_w)[None, :, None] + (k * sa_k)[None, None, :],
+                         mask=in_p[:, :, None] & (jk < K)[None, None, :], other=0.0).to(tl.float32)
+            if SOFTMAX:
                 lg = tl.exp(lg - mx[:, :, None]) * inv[:, :, None]
-        att = tl.where(band, lg, 0.0)
+            att = tl.gather(lg, tl.broadcast_to(j, [TILE_H, TILE_W, SPAN]), 2)
+        att = tl.where(valid, att, 0.0)
         acc = _dot(att.to(vt.dtype), vt, acc, UPCAST_DOT)
 
         if HAS_ADD:
             # T_i (BLOCK_C, SPAN, TILE_W): per-channel Toeplitz band of the ghost row i.
-            tj = tl.permute(j, (0, 2, 1))
-            t_mask = tl.permute(valid, (0, 2, 1)) & mask_c[:, None, None]
-            ghost = tl.load(d_base + (offs_c * sd_c)[:, None, None] + i * sd_i + tj * sd_j, mask=t_mask, other=0.0)
+            drow = tl.load(d_base + (offs_c * sd_c)[:, None] + i * sd_i + (jk * sd_j)[None, :],
+                           mask=mask_c[:, None] & (jk < K)[None, :], other=0.0)
+            ghost = tl.gather(tl.broadcast_to(drow[:, None, :], [BLOCK_C, SPAN, KP]),
+                              tl.broadcast_to(j_t, [BLOCK_C, SPAN, TILE_W]), 2)
+            ghost = tl.where(valid_t, ghost, 0.0)
             gacc = _dot(tl.permute(vt, (2, 0, 1)), ghost.to(vt.dtype), gacc, UPCAST_DOT)
 
     if HAS_ADD:
         acc += tl.permute(gacc, (1, 2, 0))
     out_ptrs = (out_ptr + (n * C + offs_c)[None, None, :] * (H * W) + (y * W)[:, None, None]
                 + x[None, :, None])
-    mask = (y < H)[:, None, None] & (x < W)[None, :, None] & mask_c[None, None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_p[:, :, None] & mask_c[None, None, :])
 
 
 @triton.jit
@@ -187,7 +238,7 @@ def elsa_band_bwd_attn_kernel(
     sa_n, sa_k, sa_h, sa_w,
     K: tl.constexpr, DIL: tl.constexpr,
     SOFTMAX: tl.constexpr, WRITE_LSE: tl.constexpr, NEED_ATTN: tl.constexpr, NEED_ADD: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, ALL_C: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, ALL_C: tl.constexpr, ALIGNED: tl.constexpr, G_ALIGNED: tl.constexpr,
     BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, SPAN: tl.constexpr, KP: tl.constexpr,
 ):
     """Gradients of the attention (or logits) and of the additive ghost. Grid: (N * pixel tiles,).
@@ -199,22 +250,27 @@ def elsa_band_bwd_attn_kernel(
     columns and added atomically (float32) to gd (N, C, K*K). ga (N, K*K, H, W) is contiguous. With SOFTMAX,
     dp goes first to the float32 scratch dp (N, K*K, H, W): the softmax backward
     d logit_k = p_k (dp_k - sum_k' p_k' dp_k') reads it back in float32 (rounded to bfloat16 it would cost more
-    than the bfloat16 tolerance) and writes ga in its own dtype.
+    than the bfloat16 tolerance) and writes ga in its own dtype. ALIGNED, G_ALIGNED: as for the forward's
+    src, of v and of g (whose tile starts at a multiple of 16 columns: W % 8 == 0 makes its mask whole chunks).
     """
     n, _, y0, x0 = _tile_pid(H, W, 1, 1, TILE_H, TILE_W)
     KK: tl.constexpr = K * K
     HALF: tl.constexpr = (K // 2) * DIL
+    PAD: tl.constexpr = _pad(K, DIL)
+    if ALIGNED:
+        sv_n = tl.multiple_of(sv_n, 8)
+        sv_c = tl.multiple_of(sv_c, 8)
+        sv_h = tl.multiple_of(sv_h, 8)
 
     ty = tl.arange(0, TILE_H)
     tx = tl.arange(0, TILE_W)
     y = y0 + ty
     x = x0 + tx
-    xs = x0 - HALF + tl.arange(0, SPAN)
-    in_xs = (xs >= 0) & (xs < W)
+    xs, in_xs = _window_columns(x0, W, ALIGNED, SPAN, PAD)
     in_p = (y < H)[:, None] & (x < W)[None, :]
     jk = tl.arange(0, KP)
     # Window column of neighbour column j of pixel column tx (clamped where j >= K: never stored).
-    band_idx = tl.minimum(tx[:, None] + jk[None, :] * DIL, SPAN - 1)
+    band_idx = tl.minimum(tx[:, None] + (PAD - HALF) + jk[None, :] * DIL, SPAN - 1)
     store_mask = in_p[:, :, None] & (jk < K)[None, None, :]
 
     g_base = g_ptr + _sample(n, sg_n)
@@ -227,15 +283,15 @@ def elsa_band_bwd_attn_kernel(
     else:
         dp_base = ga_ptr + pix
     if SOFTMAX:
-        mx, inv = _pixel_softmax_stats(a_base, sa_k, sa_h, sa_w, y[:, None], x[None, :], in_p, KK)
+        mx, inv = _pixel_softmax_stats(a_base, sa_k, sa_h, sa_w, y[:, None], x[None, :], in_p, K, KP)
         if WRITE_LSE:
             tl.store(lse_ptr + n * H * W + (y * W)[:, None] + x[None, :], mx - tl.log(inv), mask=in_p)
         pdp = tl.zeros([TILE_H, TILE_W], tl.float32)
 
     if ALL_C:  # one channel block: the gradient tile is loaded once
         offs_c = tl.arange(0, BLOCK_C)
-        g_all = tl.load(g_base + (y * sg_h)[:, None, None] + (x * sg_w)[None, :, None] + (offs_c * sg_c)[None, None, :],
-                        mask=in_p[:, :, None] & (offs_c < C)[None, None, :], other=0.0)
+        g_all = _load_g(g_base, y, x, offs_c, sg_c, sg_h, sg_w, in_p[:, :, None] & (offs_c < C)[None, None, :],
+                        G_ALIGNED)
     for i in range(K):
         ys = y + (i * DIL - HALF)
         in_ys = (ys >= 0) & (ys < H)
@@ -246,11 +302,14 @@ def elsa_band_bwd_attn_kernel(
             if ALL_C:
                 gt = g_all
             else:
-                gt = tl.load(g_base + (y * sg_h)[:, None, None] + (x * sg_w)[None, :, None]
-                             + (offs_c * sg_c)[None, None, :], mask=in_p[:, :, None] & mask_c[None, None, :], other=0.0)
-            vt = tl.load(v_base + (ys * sv_h)[:, None, None] + (xs * sv_w)[None, None, :]
-                         + (offs_c * sv_c)[None, :, None],
-                         mask=in_ys[:, None, None] & mask_c[None, :, None] & in_xs[None, None, :], other=0.0)
+                gt = _load_g(g_base, y, x, offs_c, sg_c, sg_h, sg_w, in_p[:, :, None] & mask_c[None, None, :],
+                             G_ALIGNED)
+            v_ptrs = v_base + (ys * sv_h)[:, None, None] + (xs * sv_w)[None, None, :] + (offs_c * sv_c)[None, :, None]
+            v_mask = in_ys[:, None, None] & mask_c[None, :, None] & in_xs[None, None, :]
+            if ALIGNED:  # as in the forward
+                v_ptrs = tl.max_contiguous(tl.multiple_of(v_ptrs, [1, 1, 16]), [1, 1, 8])
+                v_mask = tl.max_constancy(v_mask, [1, 1, 8])
+            vt = tl.load(v_ptrs, mask=v_mask, other=0.0)
             if NEED_ATTN:
                 gv = _dot(gt, vt, gv, UPCAST_DOT)
             if NEED_ADD:
