@@ -188,13 +188,13 @@ def kernel_cases(path: str, n: int, side: int) -> list[dict]:
         band_fn, attn_fn = kernels_tc.elsa_band_kernel, kernels_tc.elsa_band_bwd_attn_kernel
 
         def band_tiles(tiles, **flags):
-            return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1), KP=triton.next_power_of_2(K),
-                          EVEN_C=C % c == 0, ALIGNED=side % 8 == 0, **flags), warps,
+            return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1), KP=band.slots(K),
+                          EVEN_C=C % c == 0, ALIGNED=side % band.VEC == 0, **flags), warps,
                      n * math.ceil(C / c) * math.ceil(side / h) * math.ceil(side / w)) for c, h, w, warps in tiles]
 
         def attn_tiles(tiles):
-            return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1), KP=triton.next_power_of_2(K),
-                          ALL_C=C <= c, ALIGNED=side % 8 == 0, G_ALIGNED=side % 8 == 0), warps, n * math.ceil(side / h) * math.ceil(side / w))
+            return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1), KP=band.slots(K),
+                          ALL_C=C <= c, ALIGNED=side % band.VEC == 0, G_ALIGNED=side % band.VEC == 0), warps, n * math.ceil(side / h) * math.ceil(side / w))
                     for c, h, w, warps in tiles]
 
         channel_trips = lambda cfg: math.ceil(C / cfg["BLOCK_C"])  # noqa: E731

@@ -23,9 +23,10 @@ INTERPRET = isinstance(kernels_tc.elsa_band_kernel, InterpretedFunction)
 # (BLOCK_C, TILE_H, TILE_W, warps). 16 x 16 pixel tiles: 16 is the smallest tensor-core M for both products
 # (the attention band is M = TILE_W, the ghost band M = TILE_H). The interpreter runs the first one, a tile
 # size a GPU really uses.
-BAND_TILES = [(32, 16, 16, 4), (32, 16, 16, 8), (64, 16, 16, 8), (16, 16, 16, 4)]
-BAND_BWD_TILES = [(32, 16, 16, 4), (32, 16, 16, 8), (64, 16, 16, 8)]
+BAND_TILES = [(32, 16, 16, 8), (32, 16, 16, 4), (64, 16, 16, 8), (16, 16, 16, 4)]
+BAND_BWD_TILES = [(32, 16, 16, 8), (32, 16, 16, 4), (64, 16, 16, 8)]
 MIN_CHANNELS = 16
+VEC = kernels_tc._VEC.value  # columns per vector load of an ALIGNED source
 
 
 def applies(v: Tensor, ghost_mul: Optional[Tensor], stride: int) -> bool:
@@ -38,7 +39,13 @@ def span(tile_w: int, kernel_size: int, dilation: int) -> int:
     """Width of the source window of a row of TILE_W pixels: a power of two (a tl.dot dimension). The window
     starts K//2 * dilation rounded up to 8 columns left of the tile (kernels_tc._pad)."""
     half = (kernel_size // 2) * dilation
-    return triton.next_power_of_2(tile_w + half + (half + 7) // 8 * 8)
+    return triton.next_power_of_2(tile_w + half + (half + VEC - 1) // VEC * VEC)
+
+
+def slots(kernel_size: int) -> int:
+    """Logit slots per neighbour row: a power of two with at least one spare (zero) slot for the band's
+    empty entries to gather from (kernels_tc._band_index)."""
+    return triton.next_power_of_2(kernel_size + 1)
 
 
 def _as_src(args: dict, name: str) -> dict:
@@ -47,9 +54,9 @@ def _as_src(args: dict, name: str) -> dict:
 
 
 def _aligned(args: dict) -> bool:
-    """Whether the source's rows are whole 16-byte chunks (kernels_tc._window_columns)."""
-    return (args["W"] % 8 == 0 and args["ss_w"] == 1 and args["ss_h"] % 8 == 0 and args["ss_c"] % 8 == 0
-            and args["ss_n"] % 8 == 0 and args["src_ptr"].data_ptr() % 16 == 0)
+    """Whether the source's rows are whole vectors of VEC 16-bit columns (kernels_tc._window_columns)."""
+    return (args["W"] % VEC == 0 and args["ss_w"] == 1 and args["ss_h"] % VEC == 0 and args["ss_c"] % VEC == 0
+            and args["ss_n"] % VEC == 0 and args["src_ptr"].data_ptr() % (2 * VEC) == 0)
 
 
 def _configs(tiles):
@@ -66,7 +73,7 @@ def _prune(configs, named_args, **kwargs):
 
 _SPAN = {"SPAN": lambda args: span(args["TILE_W"], args["K"], args["DIL"])}
 _KEY = ["C", "H", "W", "K", "DIL", "SOFTMAX"]
-_KP = {"KP": lambda args: triton.next_power_of_2(args["K"])}
+_KP = {"KP": lambda args: slots(args["K"])}
 _band = triton.autotune(configs=_configs(BAND_TILES), key=_KEY + ["TRANSPOSED", "HAS_ADD"],
                         prune_configs_by={"early_config_prune": _prune})(
     triton.heuristics(dict(_SPAN, **_KP, EVEN_C=lambda args: args["C"] % args["BLOCK_C"] == 0, ALIGNED=_aligned))(

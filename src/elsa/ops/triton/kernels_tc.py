@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 
 _NEG_BIG = tl.constexpr(-1.0e30)
+# Columns per vector load with ALIGNED: 8 x 16 bits = 16 bytes.
+_VEC = tl.constexpr(8)
 
 
 @triton.jit
@@ -53,9 +55,9 @@ def _tile_pid(H, W, C, BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.c
 @triton.jit
 def _band_index(TILE_W: tl.constexpr, SPAN: tl.constexpr, K: tl.constexpr, DIL: tl.constexpr,
                 TRANSPOSED: tl.constexpr):
-    """(j, valid), each (1, TILE_W, SPAN): the neighbour column j that links pixel column tx to window
-    column s (source column x0 - _pad(K, DIL) + s), and whether one does. Independent of the neighbour row:
-    computed once per program."""
+    """(1, TILE_W, SPAN): the neighbour column j that links pixel column tx to window column s (source
+    column x0 - _pad(K, DIL) + s), or K where none does: the spare slot of the compact rows, which holds
+    zero, so the gathered band needs no select. Independent of the neighbour row: computed once per program."""
     tx = tl.arange(0, TILE_W)[None, :, None]
     s = tl.arange(0, SPAN)[None, None, :]
     off = s - tx - (_pad(K, DIL) - (K // 2) * DIL)
@@ -65,25 +67,25 @@ def _band_index(TILE_W: tl.constexpr, SPAN: tl.constexpr, K: tl.constexpr, DIL: 
         j = K - 1 - jo
     else:
         j = jo
-    return tl.where(valid, j, 0), valid
+    return tl.where(valid, j, K)
 
 
 @triton.jit
 def _pad(K: tl.constexpr, DIL: tl.constexpr):
-    """Columns the source window starts left of the tile: K//2 * DIL rounded up to 8, so that with ALIGNED
-    the window is whole 16-byte chunks of bf16/fp16."""
-    return ((K // 2) * DIL + 7) // 8 * 8
+    """Columns the source window starts left of the tile: K//2 * DIL rounded up to _VEC, so that with ALIGNED
+    the window is whole vectors of _VEC columns."""
+    return ((K // 2) * DIL + _VEC - 1) // _VEC * _VEC
 
 
 @triton.jit
 def _window_columns(x0, W, ALIGNED: tl.constexpr, SPAN: tl.constexpr, PAD: tl.constexpr):
-    """(source columns, inside the image) of the window. With ALIGNED (W % 8 == 0) the test is made per
-    8-column chunk, which gives the same answer and lets the compiler see the mask constant over a
-    vector: v loads become 16-byte loads."""
+    """(source columns, inside the image) of the window. With ALIGNED (W % _VEC == 0) the test is made per
+    chunk of _VEC columns, which gives the same answer and lets the compiler see the mask constant over a
+    vector: v loads become vector loads."""
     sw = tl.arange(0, SPAN)
     xs = x0 - PAD + sw
     if ALIGNED:
-        chunk = x0 - PAD + (sw // 8) * 8
+        chunk = x0 - PAD + (sw // _VEC) * _VEC
         return xs, (chunk >= 0) & (chunk < W)
     else:
         return xs, (xs >= 0) & (xs < W)
@@ -110,8 +112,8 @@ def _load_g(g_base, y, x, offs_c, sg_c, sg_h, sg_w, mask, G_ALIGNED: tl.constexp
     """The (TILE_H, TILE_W, BLOCK_C) tile of the output gradient."""
     ptrs = g_base + (y * sg_h)[:, None, None] + (x * sg_w)[None, :, None] + (offs_c * sg_c)[None, None, :]
     if G_ALIGNED:
-        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [1, 16, 1]), [1, 8, 1])
-        mask = tl.max_constancy(mask, [1, 8, 1])
+        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [1, 2 * _VEC, 1]), [1, _VEC, 1])
+        mask = tl.max_constancy(mask, [1, _VEC, 1])
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
@@ -139,8 +141,8 @@ def elsa_band_kernel(
     """Forward (src = v) or, with TRANSPOSED, v-gradient (src = grad of out). out (N, C, H, W) contiguous.
 
     Grid: (N * channel blocks * pixel tiles,), tiles fastest. lse (N, H, W) float32 is read only when
-    TRANSPOSED and SOFTMAX. The K logits of a neighbour row are loaded compactly (KP = next power of two of K
-    per pixel, a quarter of the band's entries), turned into probabilities there, and spread onto the band with
+    TRANSPOSED and SOFTMAX. The K logits of a neighbour row are loaded compactly (KP slots per pixel, a
+    quarter of the band's entries, slots K.. zero), turned into probabilities there, and spread onto the band with
     ``tl.gather``; the ghost row is spread onto its Toeplitz band the same way. EVEN_C: C % BLOCK_C == 0.
     ALIGNED: W % 8 == 0, unit column stride, other src strides multiples of 8, src 16-byte aligned.
     """
@@ -148,9 +150,9 @@ def elsa_band_kernel(
     KK: tl.constexpr = K * K
     HALF: tl.constexpr = (K // 2) * DIL
     if ALIGNED:
-        ss_n = tl.multiple_of(ss_n, 8)
-        ss_c = tl.multiple_of(ss_c, 8)
-        ss_h = tl.multiple_of(ss_h, 8)
+        ss_n = tl.multiple_of(ss_n, _VEC)
+        ss_c = tl.multiple_of(ss_c, _VEC)
+        ss_h = tl.multiple_of(ss_h, _VEC)
 
     ty = tl.arange(0, TILE_H)
     tx = tl.arange(0, TILE_W)
@@ -168,9 +170,8 @@ def elsa_band_kernel(
     src_base = src_ptr + _sample(n, ss_n)
     a_base = a_ptr + _sample(n, sa_n)
     d_base = d_ptr + _sample(n, sd_n)
-    j, valid = _band_index(TILE_W, SPAN, K, DIL, TRANSPOSED)  # (1, TILE_W, SPAN)
+    j = _band_index(TILE_W, SPAN, K, DIL, TRANSPOSED)  # (1, TILE_W, SPAN)
     j_t = tl.permute(j, (0, 2, 1))  # (1, SPAN, TILE_W)
-    valid_t = tl.permute(valid, (0, 2, 1))
 
     if SOFTMAX and not TRANSPOSED:
         mx, inv = _pixel_softmax_stats(a_base, sa_k, sa_h, sa_w, y[:, None], x[None, :], in_p, K, KP)
@@ -189,9 +190,9 @@ def elsa_band_kernel(
         v_mask = in_ys[:, None, None] & in_xs[None, :, None] & mask_c[None, None, :]
         v_ptrs = (src_base + (ys * ss_h)[:, None, None] + (xs * ss_w)[None, :, None]
                   + (offs_c * ss_c)[None, None, :])
-        if ALIGNED:  # what the compiler cannot prove: 8-column chunks, aligned, masked as a whole
-            v_ptrs = tl.max_contiguous(tl.multiple_of(v_ptrs, [1, 16, 1]), [1, 8, 1])
-            v_mask = tl.max_constancy(v_mask, [1, 8, 1])
+        if ALIGNED:  # what the compiler cannot prove: chunks of _VEC columns, aligned, masked as a whole
+            v_ptrs = tl.max_contiguous(tl.multiple_of(v_ptrs, [1, 2 * _VEC, 1]), [1, _VEC, 1])
+            v_mask = tl.max_constancy(v_mask, [1, _VEC, 1])
         vt = tl.load(v_ptrs, mask=v_mask, other=0.0)
 
         # A_i (TILE_H, TILE_W, SPAN): the band of attention, spread from the compact logits of the row.
@@ -202,15 +203,14 @@ def elsa_band_kernel(
                          mask=src_in[:, :, None] & (jk < K)[None, None, :], other=0.0).to(tl.float32)
             if SOFTMAX:
                 lse = tl.load(lse_ptr + n * H * W + (ys * W)[:, None] + xs[None, :], mask=src_in, other=0.0)
-                lg = tl.exp(lg - lse[:, :, None])
+                lg = tl.where((jk < K)[None, None, :], tl.exp(lg - lse[:, :, None]), 0.0)
             att = tl.permute(tl.gather(lg, tl.broadcast_to(j_t, [TILE_H, SPAN, TILE_W]), 2), (0, 2, 1))
         else:  # attention at the output pixel (y, x): compact (TILE_H, TILE_W, KP)
             lg = tl.load(a_base + (y * sa_h)[:, None, None] + (x * sa_w)[None, :, None] + (k * sa_k)[None, None, :],
                          mask=in_p[:, :, None] & (jk < K)[None, None, :], other=0.0).to(tl.float32)
             if SOFTMAX:
-                lg = tl.exp(lg - mx[:, :, None]) * inv[:, :, None]
+                lg = tl.where((jk < K)[None, None, :], tl.exp(lg - mx[:, :, None]) * inv[:, :, None], 0.0)
             att = tl.gather(lg, tl.broadcast_to(j, [TILE_H, TILE_W, SPAN]), 2)
-        att = tl.where(valid, att, 0.0)
         acc = _dot(att.to(vt.dtype), vt, acc, UPCAST_DOT)
 
         if HAS_ADD:
@@ -219,7 +219,6 @@ def elsa_band_kernel(
                            mask=mask_c[:, None] & (jk < K)[None, :], other=0.0)
             ghost = tl.gather(tl.broadcast_to(drow[:, None, :], [BLOCK_C, SPAN, KP]),
                               tl.broadcast_to(j_t, [BLOCK_C, SPAN, TILE_W]), 2)
-            ghost = tl.where(valid_t, ghost, 0.0)
             gacc = _dot(tl.permute(vt, (2, 0, 1)), ghost.to(vt.dtype), gacc, UPCAST_DOT)
 
     if HAS_ADD:
@@ -251,16 +250,17 @@ def elsa_band_bwd_attn_kernel(
     dp goes first to the float32 scratch dp (N, K*K, H, W): the softmax backward
     d logit_k = p_k (dp_k - sum_k' p_k' dp_k') reads it back in float32 (rounded to bfloat16 it would cost more
     than the bfloat16 tolerance) and writes ga in its own dtype. ALIGNED, G_ALIGNED: as for the forward's
-    src, of v and of g (whose tile starts at a multiple of 16 columns: W % 8 == 0 makes its mask whole chunks).
+    src, of v and of g (whose tile starts at a multiple of TILE_W >= _VEC columns: W % _VEC == 0 makes its
+    mask whole chunks).
     """
     n, _, y0, x0 = _tile_pid(H, W, 1, 1, TILE_H, TILE_W)
     KK: tl.constexpr = K * K
     HALF: tl.constexpr = (K // 2) * DIL
     PAD: tl.constexpr = _pad(K, DIL)
     if ALIGNED:
-        sv_n = tl.multiple_of(sv_n, 8)
-        sv_c = tl.multiple_of(sv_c, 8)
-        sv_h = tl.multiple_of(sv_h, 8)
+        sv_n = tl.multiple_of(sv_n, _VEC)
+        sv_c = tl.multiple_of(sv_c, _VEC)
+        sv_h = tl.multiple_of(sv_h, _VEC)
 
     ty = tl.arange(0, TILE_H)
     tx = tl.arange(0, TILE_W)
@@ -307,8 +307,8 @@ def elsa_band_bwd_attn_kernel(
             v_ptrs = v_base + (ys * sv_h)[:, None, None] + (xs * sv_w)[None, None, :] + (offs_c * sv_c)[None, :, None]
             v_mask = in_ys[:, None, None] & mask_c[None, :, None] & in_xs[None, None, :]
             if ALIGNED:  # as in the forward
-                v_ptrs = tl.max_contiguous(tl.multiple_of(v_ptrs, [1, 1, 16]), [1, 1, 8])
-                v_mask = tl.max_constancy(v_mask, [1, 1, 8])
+                v_ptrs = tl.max_contiguous(tl.multiple_of(v_ptrs, [1, 1, 2 * _VEC]), [1, 1, _VEC])
+                v_mask = tl.max_constancy(v_mask, [1, 1, _VEC])
             vt = tl.load(v_ptrs, mask=v_mask, other=0.0)
             if NEED_ATTN:
                 gv = _dot(gt, vt, gv, UPCAST_DOT)
