@@ -77,7 +77,8 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
                               check=True).stdout
 
 
-def compile_launch_like(fn, constexprs: dict, ints: dict, dtype: str, num_warps: int, arch: int):
+def compile_launch_like(fn, constexprs: dict, ints: dict, dtype: str, num_warps: int, arch: int,
+                        num_stages: int = 3):
     """``fn`` compiled as a launch with these integer arguments would specialise it."""
     signature, attrs, constants = {}, {}, dict(constexprs)
     for idx, name in enumerate(fn.arg_names):
@@ -94,7 +95,7 @@ def compile_launch_like(fn, constexprs: dict, ints: dict, dtype: str, num_warps:
             if ints[name] % 16 == 0:
                 attrs[(idx,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps))
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
 def parse(sass: str) -> tuple[list[tuple[int, str, str]], list[tuple[int, int]]]:
@@ -189,13 +190,13 @@ def kernel_cases(path: str, n: int, side: int) -> list[dict]:
 
         def band_tiles(tiles, **flags):
             return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1), KP=band.slots(K),
-                          EVEN_C=C % c == 0, ALIGNED=side % band.VEC == 0, **flags), warps,
-                     n * math.ceil(C / c) * math.ceil(side / h) * math.ceil(side / w)) for c, h, w, warps in tiles]
+                          EVEN_C=C % c == 0, ALIGNED=side % band.VEC == 0, **flags), (warps, stages),
+                     n * math.ceil(C / c) * math.ceil(side / h) * math.ceil(side / w)) for c, h, w, warps, stages in tiles]
 
         def attn_tiles(tiles):
             return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1), KP=band.slots(K),
-                          ALL_C=C <= c, ALIGNED=side % band.VEC == 0, G_ALIGNED=side % band.VEC == 0), warps, n * math.ceil(side / h) * math.ceil(side / w))
-                    for c, h, w, warps in tiles]
+                          ALL_C=C <= c, ALIGNED=side % band.VEC == 0, G_ALIGNED=side % band.VEC == 0), (warps, stages),
+                     n * math.ceil(side / h) * math.ceil(side / w)) for c, h, w, warps, stages in tiles]
 
         channel_trips = lambda cfg: math.ceil(C / cfg["BLOCK_C"])  # noqa: E731
         return [
@@ -207,7 +208,7 @@ def kernel_cases(path: str, n: int, side: int) -> list[dict]:
                  flags=dict(geom, WRITE_LSE=True, NEED_ATTN=True, NEED_ADD=True),
                  tiles=attn_tiles(band.BAND_BWD_TILES), prefixes=dict(g="nchw", v="nchw", a="logits"),
                  loops=lambda cfg: [("softmax stats", KK), ("neighbour rows", K, [("channel blocks", channel_trips(cfg))]),
-                                    ("softmax backward", KK)],
+                                    ],  # the softmax backward (KK logits per pixel) is unrolled
                  dram=(n * C * hw * 2 + n * KK * hw * 2) * el + n * KK * hw * 8 + n * hw * 4),
             dict(kernel="grad_v", fn=band_fn, flags=dict(geom, HAS_ADD=True, TRANSPOSED=True),
                  tiles=band_tiles(band.BAND_TILES), prefixes=dict(s="nchw", a="logits", d="ghost"),
@@ -217,7 +218,7 @@ def kernel_cases(path: str, n: int, side: int) -> list[dict]:
     geom = dict(K=K, DIL=1, STRIDE=1, SOFTMAX=True)
 
     def cc_tiles(tiles, all_c=False):
-        return [(dict(BLOCK_C=c, BLOCK_P=p, EVEN_C=C % c == 0, **(dict(ALL_C=C <= c) if all_c else {})), warps,
+        return [(dict(BLOCK_C=c, BLOCK_P=p, EVEN_C=C % c == 0, **(dict(ALL_C=C <= c) if all_c else {})), (warps, 3),
                  n * (1 if all_c else math.ceil(C / c)) * math.ceil(hw / p)) for c, p, warps in tiles if c <= C]
 
     return [
@@ -243,24 +244,27 @@ def kernel_cases(path: str, n: int, side: int) -> list[dict]:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(fn, flags: tuple, ints: tuple, dtype: str, warps: int, arch: int) -> tuple[dict, str]:
-    compiled = compile_launch_like(fn, dict(flags), dict(ints), dtype, warps, arch)
+def _compiled(fn, flags: tuple, ints: tuple, dtype: str, warps: int, stages: int, arch: int) -> tuple[dict, str]:
+    compiled = compile_launch_like(fn, dict(flags), dict(ints), dtype, warps, arch, stages)
     cubin = compiled.asm["cubin"]
     usage = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED):(\d+)", _cuobjdump(cubin, "--dump-resource-usage"))}
     usage["dynamic_shared"] = int(compiled.metadata.shared)
     return usage, _cuobjdump(cubin, "-sass")
 
 
-def analyse(case: dict, cfg: dict, warps: int, programs: int, n: int, side: int, dtype: str, arch: int) -> dict:
+def analyse(case: dict, cfg: dict, launch: tuple[int, int], programs: int, n: int, side: int, dtype: str,
+            arch: int) -> dict:
+    warps, stages = launch
     g = _geometry(n, side)
     flags = dict(case["flags"], **cfg)
     ints = _ints(case["fn"], g, case["prefixes"])
-    usage, sass = _compiled(case["fn"], tuple(sorted(flags.items())), tuple(sorted(ints.items())), dtype, warps, arch)
+    usage, sass = _compiled(case["fn"], tuple(sorted(flags.items())), tuple(sorted(ints.items())), dtype, warps,
+                            stages, arch)
     count = whole_kernel(sass, case["loops"](cfg))
     element_neighbours = n * CHANNELS * side * side * KERNEL_SIZE ** 2
     warp_instr = count["instructions"] * warps * programs
     row = dict(kernel=case["kernel"], tile={k: v for k, v in cfg.items() if k.isupper() and k.startswith(("BLOCK", "TILE"))},
-               num_warps=warps, programs=programs, registers=usage["REG"], spill_bytes=usage["STACK"],
+               num_warps=warps, num_stages=stages, programs=programs, registers=usage["REG"], spill_bytes=usage["STACK"],
                shared_bytes=usage["SHARED"] + usage["dynamic_shared"],
                sass_per_program_warp=int(count["instructions"]), mma_per_program_warp=int(count["mma"]),
                instructions_per_element_neighbour=round(warp_instr * 32 / element_neighbours, 2),
@@ -283,10 +287,10 @@ def best_rows(path: str, n: int, side: int, dtype: str, arch: int) -> list[dict]
     """For each kernel of ``path``: every candidate tile, and the spill-free one of fewest instructions."""
     out = []
     for case in kernel_cases(path, n, side):
-        rows = [analyse(case, cfg, warps, programs, n, side, dtype, arch) for cfg, warps, programs in case["tiles"]]
+        rows = [analyse(case, cfg, launch, programs, n, side, dtype, arch) for cfg, launch, programs in case["tiles"]]
         ok = [r for r in rows if r["spill_bytes"] == 0] or rows
         best = min(ok, key=lambda r: r["instructions_per_element_neighbour"])
-        out.append(dict(best, candidates=[{k: r[k] for k in ("tile", "num_warps", "registers", "spill_bytes",
+        out.append(dict(best, candidates=[{k: r[k] for k in ("tile", "num_warps", "num_stages", "registers", "spill_bytes",
                                                               "instructions_per_element_neighbour")} for r in rows]))
     return out
 
@@ -307,7 +311,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             totals[(path, stage)] = total
             for r in rows:
                 b = r["bounds"]
-                print(f"{path:11s} {stage} {r['kernel']:18s} {r['tile']} w{r['num_warps']}  regs {r['registers']:3d} "
+                print(f"{path:11s} {stage} {r['kernel']:18s} {r['tile']} w{r['num_warps']} s{r['num_stages']}  regs {r['registers']:3d} "
                       f"spill {r['spill_bytes']:4d} B  smem {r['shared_bytes']:6d} B  "
                       f"{r['instructions_per_element_neighbour']:5.2f} SASS/el-nb  mma/prog-warp {r['mma_per_program_warp']:5d}  "
                       f"H100 {b['H100']['bound']} {b['H100']['bound_ms']:.3f} ms  H200 {b['H200']['bound']} "

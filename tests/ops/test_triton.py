@@ -231,7 +231,7 @@ for even_c, all_c in ((False, False), (True, True)):
 
 from elsa.ops.triton import band, kernels_tc
 
-for c, th, tw, warps in band.BAND_TILES:
+for c, th, tw, warps, _ in band.BAND_TILES:
     tile = dict(K=5, DIL=2, BLOCK_C=c, TILE_H=th, TILE_W=tw, SPAN=band.span(tw, 5, 2), KP=8, UPCAST_DOT=False)
     for transposed, aligned in ((False, True), (True, False)):
         compile_for(kernels_tc.elsa_band_kernel, dict(tile, HAS_ADD=True, SOFTMAX=True, TRANSPOSED=transposed,

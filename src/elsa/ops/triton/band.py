@@ -20,11 +20,11 @@ from . import kernels_tc
 
 INTERPRET = isinstance(kernels_tc.elsa_band_kernel, InterpretedFunction)
 
-# (BLOCK_C, TILE_H, TILE_W, warps). 16 x 16 pixel tiles: 16 is the smallest tensor-core M for both products
-# (the attention band is M = TILE_W, the ghost band M = TILE_H). The interpreter runs the first one, a tile
-# size a GPU really uses.
-BAND_TILES = [(32, 16, 16, 8), (32, 16, 16, 4), (64, 16, 16, 8), (16, 16, 16, 4)]
-BAND_BWD_TILES = [(32, 16, 16, 8), (32, 16, 16, 4), (64, 16, 16, 8)]
+# (BLOCK_C, TILE_H, TILE_W, warps, pipeline stages). 16 x 16 pixel tiles (8-row and 32-column tiles cost more
+# per element in benchmarks/kernel_sass.py, 4 warps spill); two stages of software pipelining cost fewer
+# instructions than three or four. The interpreter runs the first one, a tile size a GPU really uses.
+BAND_TILES = [(32, 16, 16, 8, 2), (32, 16, 16, 8, 3), (64, 16, 16, 8, 2), (16, 16, 16, 4, 2)]
+BAND_BWD_TILES = [(32, 16, 16, 8, 2), (32, 16, 16, 8, 4), (64, 16, 16, 8, 2)]
 MIN_CHANNELS = 16
 VEC = kernels_tc._VEC.value  # columns per vector load of an ALIGNED source
 
@@ -61,7 +61,8 @@ def _aligned(args: dict) -> bool:
 
 def _configs(tiles):
     tiles = tiles[:1] if INTERPRET else tiles
-    return [triton.Config({"BLOCK_C": c, "TILE_H": h, "TILE_W": w}, num_warps=nw) for c, h, w, nw in tiles]
+    return [triton.Config({"BLOCK_C": c, "TILE_H": h, "TILE_W": w}, num_warps=nw, num_stages=ns)
+            for c, h, w, nw, ns in tiles]
 
 
 def _prune(configs, named_args, **kwargs):

@@ -331,7 +331,7 @@ def elsa_band_bwd_attn_kernel(
     if SOFTMAX and NEED_ATTN:
         # Read back what this program wrote (through L1/L2); the barrier orders every thread's stores first.
         tl.debug_barrier()
-        for k in range(KK):
+        for k in tl.static_range(KK):  # unrolled: one pixel per thread, the loop control would cost a third
             lg = tl.load(a_base + k * sa_k + p_off, mask=in_p, other=0.0).to(tl.float32)
             dp = tl.load(dp_base + k * H * W, mask=in_p, other=0.0)
             tl.store(ga_ptr + pix + k * H * W, (tl.exp(lg - mx) * inv * (dp - pdp)).to(ga_ptr.dtype.element_ty),
