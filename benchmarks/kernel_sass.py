@@ -66,6 +66,16 @@ ISSUE_PER_CLK, SHARED_B_PER_CLK, MMA_FLOP_PER_CLK = 4, 128, 2048
 FLOAT32_POINTERS = frozenset({"gm_ptr", "gd_ptr", "lse_ptr", "dp_ptr"})
 
 
+class _AlignedPointer:
+    """Stands for a freshly allocated (256-byte aligned) tensor in band.vector_width."""
+    @staticmethod
+    def data_ptr() -> int:
+        return 256
+
+
+_ALIGNED_PTR = _AlignedPointer()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # compiling and reading SASS
 
@@ -186,16 +196,18 @@ def kernel_cases(path: str, n: int, side: int) -> list[dict]:
     el = 2  # bf16 bytes
     if path == "tensor-core":
         geom = dict(K=K, DIL=1, SOFTMAX=True, UPCAST_DOT=False)
+        # contiguous tensors: the vector width is set by W (band.vector_width)
+        vec = band.vector_width(dict(W=side, ss_n=C * hw, ss_c=hw, ss_h=side, ss_w=1, src_ptr=_ALIGNED_PTR))
         band_fn, attn_fn = kernels_tc.elsa_band_kernel, kernels_tc.elsa_band_bwd_attn_kernel
 
         def band_tiles(tiles, **flags):
-            return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1), KP=band.slots(K),
-                          EVEN_C=C % c == 0, ALIGNED=side % band.VEC == 0, **flags), (warps, stages),
+            return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1, vec), KP=band.slots(K),
+                          EVEN_C=C % c == 0, VEC=vec, **flags), (warps, stages),
                      n * math.ceil(C / c) * math.ceil(side / h) * math.ceil(side / w)) for c, h, w, warps, stages in tiles]
 
         def attn_tiles(tiles):
-            return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1), KP=band.slots(K),
-                          ALL_C=C <= c, ALIGNED=side % band.VEC == 0, G_ALIGNED=side % band.VEC == 0), (warps, stages),
+            return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1, vec), KP=band.slots(K),
+                          ALL_C=C <= c, VEC=vec, G_VEC=vec), (warps, stages),
                      n * math.ceil(side / h) * math.ceil(side / w)) for c, h, w, warps, stages in tiles]
 
         channel_trips = lambda cfg: math.ceil(C / cfg["BLOCK_C"])  # noqa: E731

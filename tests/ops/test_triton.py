@@ -232,12 +232,12 @@ for even_c, all_c in ((False, False), (True, True)):
 from elsa.ops.triton import band, kernels_tc
 
 for c, th, tw, warps, _ in band.BAND_TILES:
-    tile = dict(K=5, DIL=2, BLOCK_C=c, TILE_H=th, TILE_W=tw, SPAN=band.span(tw, 5, 2), KP=8, UPCAST_DOT=False)
-    for transposed, aligned in ((False, True), (True, False)):
+    for vec, transposed in ((8, False), (4, True), (1, False)):
+        tile = dict(K=5, DIL=2, BLOCK_C=c, TILE_H=th, TILE_W=tw, SPAN=band.span(tw, 5, 2, vec), KP=8, UPCAST_DOT=False)
         compile_for(kernels_tc.elsa_band_kernel, dict(tile, HAS_ADD=True, SOFTMAX=True, TRANSPOSED=transposed,
-                    EVEN_C=not aligned, ALIGNED=aligned), dtype="fp16", num_warps=warps)
-    compile_for(kernels_tc.elsa_band_bwd_attn_kernel, dict(tile, SOFTMAX=True, WRITE_LSE=True, NEED_ATTN=True,
-                NEED_ADD=True, ALL_C=False, ALIGNED=True, G_ALIGNED=False), num_warps=warps)
+                    EVEN_C=vec == 8, VEC=vec), dtype="fp16", num_warps=warps)
+        compile_for(kernels_tc.elsa_band_bwd_attn_kernel, dict(tile, SOFTMAX=True, WRITE_LSE=True, NEED_ATTN=True,
+                    NEED_ADD=True, ALL_C=False, VEC=vec, G_VEC=8 // vec), num_warps=warps)
 print("compiled")
 """
 
@@ -274,8 +274,10 @@ BAND_CASES = [
     pytest.param(1, 48, 17, 12, 5, 1, True, id="c48-k5-partial-channel-block-add"),
     pytest.param(1, 64, 16, 33, 7, 1, True, id="c64-k7-3tiles-add"),
     pytest.param(1, 16, 10, 12, 13, 1, True, id="c16-k13-add"),
-    # W % 8 == 0 and 16-byte strides: the ALIGNED path (window masks per 8-column chunk, 16-byte loads)
-    pytest.param(2, 32, 13, 40, 7, 1, True, id="c32-k7-aligned-3tiles-add"),
+    # W % 8 == 0 and 16-byte strides: vectors of 8 columns (window masks per 8-column chunk, 16-byte loads),
+    # then of 4
+    pytest.param(2, 32, 13, 40, 7, 1, True, id="c32-k7-vec8-3tiles-add"),
+    pytest.param(1, 16, 9, 28, 5, 2, True, id="c16-k5-r2-vec4-add"),
 ]
 
 
@@ -304,8 +306,8 @@ def band_calls(monkeypatch):
 def test_band_matches_reference(n, c, h, w, k, dilation, add, softmax, dtype, band_calls):
     inputs = _inputs(n, c, h, w, k, 1, False, add, dtype=dtype, logit_scale=3.0 if softmax else 0.5)
     assert band.applies(inputs[0], None, 1)
-    assert band._aligned(dict(W=w, src_ptr=inputs[0], **{f"ss_{d}": st for d, st in zip("nchw", inputs[0].stride())})) \
-        == (w % 8 == 0)
+    vec = band.vector_width(dict(W=w, src_ptr=inputs[0], **{f"ss_{d}": st for d, st in zip("nchw", inputs[0].stride())}))
+    assert vec == (8 if w % 8 == 0 else 4 if w % 4 == 0 else 2 if w % 2 == 0 else 1)
     _compare(inputs, k, dilation, 1, softmax=softmax)
     assert band_calls[:2] == ["aggregate", "backward"]
 

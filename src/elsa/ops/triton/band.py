@@ -26,7 +26,6 @@ INTERPRET = isinstance(kernels_tc.elsa_band_kernel, InterpretedFunction)
 BAND_TILES = [(32, 16, 16, 8, 2), (32, 16, 16, 8, 3), (64, 16, 16, 8, 2), (16, 16, 16, 4, 2)]
 BAND_BWD_TILES = [(32, 16, 16, 8, 2), (32, 16, 16, 8, 4), (64, 16, 16, 8, 2)]
 MIN_CHANNELS = 16
-VEC = kernels_tc._VEC.value  # columns per vector load of an ALIGNED source
 
 
 def applies(v: Tensor, ghost_mul: Optional[Tensor], stride: int) -> bool:
@@ -35,11 +34,11 @@ def applies(v: Tensor, ghost_mul: Optional[Tensor], stride: int) -> bool:
             and v.shape[1] >= MIN_CHANNELS)
 
 
-def span(tile_w: int, kernel_size: int, dilation: int) -> int:
+def span(tile_w: int, kernel_size: int, dilation: int, vec: int) -> int:
     """Width of the source window of a row of TILE_W pixels: a power of two (a tl.dot dimension). The window
-    starts K//2 * dilation rounded up to 8 columns left of the tile (kernels_tc._pad)."""
+    starts K//2 * dilation rounded up to ``vec`` columns left of the tile (kernels_tc._pad)."""
     half = (kernel_size // 2) * dilation
-    return triton.next_power_of_2(tile_w + half + (half + VEC - 1) // VEC * VEC)
+    return triton.next_power_of_2(tile_w + half + (half + vec - 1) // vec * vec)
 
 
 def slots(kernel_size: int) -> int:
@@ -49,14 +48,18 @@ def slots(kernel_size: int) -> int:
 
 
 def _as_src(args: dict, name: str) -> dict:
-    """The arguments with tensor ``name``'s pointer and strides under the names _aligned reads."""
+    """The arguments with tensor ``name``'s pointer and strides under the names vector_width reads."""
     return dict(args, src_ptr=args[f"{name}_ptr"], **{f"ss_{d}": args[f"s{name}_{d}"] for d in "nchw"})
 
 
-def _aligned(args: dict) -> bool:
-    """Whether the source's rows are whole vectors of VEC 16-bit columns (kernels_tc._window_columns)."""
-    return (args["W"] % VEC == 0 and args["ss_w"] == 1 and args["ss_h"] % VEC == 0 and args["ss_c"] % VEC == 0
-            and args["ss_n"] % VEC == 0 and args["src_ptr"].data_ptr() % (2 * VEC) == 0)
+def vector_width(args: dict) -> int:
+    """The widest vector of 16-bit columns (8, 4, 2, or 1 for none) the source's rows are made of: W, its strides
+    and its address multiples of it, unit column stride (kernels_tc._window_columns)."""
+    for vec in (8, 4, 2):
+        if (args["W"] % vec == 0 and args["ss_w"] == 1 and args["ss_h"] % vec == 0 and args["ss_c"] % vec == 0
+                and args["ss_n"] % vec == 0 and args["src_ptr"].data_ptr() % (2 * vec) == 0):
+            return vec
+    return 1
 
 
 def _configs(tiles):
@@ -72,18 +75,18 @@ def _prune(configs, named_args, **kwargs):
     return [cfg for cfg in configs if cfg.kwargs["BLOCK_C"] <= widest]
 
 
-_SPAN = {"SPAN": lambda args: span(args["TILE_W"], args["K"], args["DIL"])}
+_SPAN = {"SPAN": lambda args: span(args["TILE_W"], args["K"], args["DIL"], args["VEC"])}
 _KEY = ["C", "H", "W", "K", "DIL", "SOFTMAX"]
 _KP = {"KP": lambda args: slots(args["K"])}
 _band = triton.autotune(configs=_configs(BAND_TILES), key=_KEY + ["TRANSPOSED", "HAS_ADD"],
                         prune_configs_by={"early_config_prune": _prune})(
-    triton.heuristics(dict(_SPAN, **_KP, EVEN_C=lambda args: args["C"] % args["BLOCK_C"] == 0, ALIGNED=_aligned))(
+    triton.heuristics(dict(VEC=vector_width, **_SPAN, **_KP, EVEN_C=lambda args: args["C"] % args["BLOCK_C"] == 0))(
         kernels_tc.elsa_band_kernel))
 _band_bwd_attn = triton.autotune(configs=_configs(BAND_BWD_TILES), key=_KEY + ["NEED_ATTN", "NEED_ADD", "WRITE_LSE"],
                                  prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["gd_ptr"])(
-    triton.heuristics(dict(_SPAN, **_KP, ALL_C=lambda args: args["C"] <= args["BLOCK_C"],
-                           ALIGNED=lambda args: _aligned(_as_src(args, "v")),
-                           G_ALIGNED=lambda args: _aligned(_as_src(args, "g"))))(
+    triton.heuristics(dict(VEC=lambda args: vector_width(_as_src(args, "v")),
+                           G_VEC=lambda args: vector_width(_as_src(args, "g")),
+                           **_SPAN, **_KP, ALL_C=lambda args: args["C"] <= args["BLOCK_C"]))(
         kernels_tc.elsa_band_bwd_attn_kernel))
 
 

@@ -30,8 +30,6 @@ import triton
 import triton.language as tl
 
 _NEG_BIG = tl.constexpr(-1.0e30)
-# Columns per vector load with ALIGNED: 8 x 16 bits = 16 bytes.
-_VEC = tl.constexpr(8)
 
 
 @triton.jit
@@ -54,13 +52,13 @@ def _tile_pid(H, W, C, BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.c
 
 @triton.jit
 def _band_index(TILE_W: tl.constexpr, SPAN: tl.constexpr, K: tl.constexpr, DIL: tl.constexpr,
-                TRANSPOSED: tl.constexpr):
+                TRANSPOSED: tl.constexpr, VEC: tl.constexpr):
     """(1, TILE_W, SPAN): the neighbour column j that links pixel column tx to window column s (source
-    column x0 - _pad(K, DIL) + s), or K where none does: the spare slot of the compact rows, which holds
+    column x0 - _pad(K, DIL, VEC) + s), or K where none does: the spare slot of the compact rows, which holds
     zero, so the gathered band needs no select. Independent of the neighbour row: computed once per program."""
     tx = tl.arange(0, TILE_W)[None, :, None]
     s = tl.arange(0, SPAN)[None, None, :]
-    off = s - tx - (_pad(K, DIL) - (K // 2) * DIL)
+    off = s - tx - (_pad(K, DIL, VEC) - (K // 2) * DIL)
     jo = off // DIL
     valid = (off >= 0) & (off % DIL == 0) & (jo < K)
     if TRANSPOSED:
@@ -71,21 +69,21 @@ def _band_index(TILE_W: tl.constexpr, SPAN: tl.constexpr, K: tl.constexpr, DIL: 
 
 
 @triton.jit
-def _pad(K: tl.constexpr, DIL: tl.constexpr):
-    """Columns the source window starts left of the tile: K//2 * DIL rounded up to _VEC, so that with ALIGNED
-    the window is whole vectors of _VEC columns."""
-    return ((K // 2) * DIL + _VEC - 1) // _VEC * _VEC
+def _pad(K: tl.constexpr, DIL: tl.constexpr, VEC: tl.constexpr):
+    """Columns the source window starts left of the tile: K//2 * DIL rounded up to VEC, so that the window is
+    whole vectors of VEC columns."""
+    return ((K // 2) * DIL + VEC - 1) // VEC * VEC
 
 
 @triton.jit
-def _window_columns(x0, W, ALIGNED: tl.constexpr, SPAN: tl.constexpr, PAD: tl.constexpr):
-    """(source columns, inside the image) of the window. With ALIGNED (W % _VEC == 0) the test is made per
-    chunk of _VEC columns, which gives the same answer and lets the compiler see the mask constant over a
+def _window_columns(x0, W, VEC: tl.constexpr, SPAN: tl.constexpr, PAD: tl.constexpr):
+    """(source columns, inside the image) of the window. With VEC > 1 (W % VEC == 0) the test is made per
+    chunk of VEC columns, which gives the same answer and lets the compiler see the mask constant over a
     vector: v loads become vector loads."""
     sw = tl.arange(0, SPAN)
     xs = x0 - PAD + sw
-    if ALIGNED:
-        chunk = x0 - PAD + (sw // _VEC) * _VEC
+    if VEC > 1:
+        chunk = x0 - PAD + (sw // VEC) * VEC
         return xs, (chunk >= 0) & (chunk < W)
     else:
         return xs, (xs >= 0) & (xs < W)
@@ -108,12 +106,12 @@ def _pixel_softmax_stats(a_base, sa_k, sa_h, sa_w, y, x, inside, K: tl.constexpr
 
 
 @triton.jit
-def _load_g(g_base, y, x, offs_c, sg_c, sg_h, sg_w, mask, G_ALIGNED: tl.constexpr):
+def _load_g(g_base, y, x, offs_c, sg_c, sg_h, sg_w, mask, G_VEC: tl.constexpr):
     """The (TILE_H, TILE_W, BLOCK_C) tile of the output gradient."""
     ptrs = g_base + (y * sg_h)[:, None, None] + (x * sg_w)[None, :, None] + (offs_c * sg_c)[None, None, :]
-    if G_ALIGNED:
-        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [1, 2 * _VEC, 1]), [1, _VEC, 1])
-        mask = tl.max_constancy(mask, [1, _VEC, 1])
+    if G_VEC > 1:
+        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [1, 2 * G_VEC, 1]), [1, G_VEC, 1])
+        mask = tl.max_constancy(mask, [1, G_VEC, 1])
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
@@ -135,7 +133,7 @@ def elsa_band_kernel(
     sd_n, sd_c, sd_i, sd_j,
     K: tl.constexpr, DIL: tl.constexpr,
     HAS_ADD: tl.constexpr, SOFTMAX: tl.constexpr, TRANSPOSED: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    EVEN_C: tl.constexpr, ALIGNED: tl.constexpr,
+    EVEN_C: tl.constexpr, VEC: tl.constexpr,
     BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, SPAN: tl.constexpr, KP: tl.constexpr,
 ):
     """Forward (src = v) or, with TRANSPOSED, v-gradient (src = grad of out). out (N, C, H, W) contiguous.
@@ -144,15 +142,16 @@ def elsa_band_kernel(
     TRANSPOSED and SOFTMAX. The K logits of a neighbour row are loaded compactly (KP slots per pixel, a
     quarter of the band's entries, slots K.. zero), turned into probabilities there, and spread onto the band with
     ``tl.gather``; the ghost row is spread onto its Toeplitz band the same way. EVEN_C: C % BLOCK_C == 0.
-    ALIGNED: W % 8 == 0, unit column stride, other src strides multiples of 8, src 16-byte aligned.
+    VEC: the widest vector (1, 2, 4 or 8 columns) with W, the src strides and address multiples of it (unit
+    column stride); the window then starts VEC-aligned and its loads are vectors.
     """
     n, c0, y0, x0 = _tile_pid(H, W, C, BLOCK_C, TILE_H, TILE_W)
     KK: tl.constexpr = K * K
     HALF: tl.constexpr = (K // 2) * DIL
-    if ALIGNED:
-        ss_n = tl.multiple_of(ss_n, _VEC)
-        ss_c = tl.multiple_of(ss_c, _VEC)
-        ss_h = tl.multiple_of(ss_h, _VEC)
+    if VEC > 1:
+        ss_n = tl.multiple_of(ss_n, VEC)
+        ss_c = tl.multiple_of(ss_c, VEC)
+        ss_h = tl.multiple_of(ss_h, VEC)
 
     ty = tl.arange(0, TILE_H)
     tx = tl.arange(0, TILE_W)
@@ -164,13 +163,13 @@ def elsa_band_kernel(
         mask_c = offs_c < C
     y = y0 + ty
     x = x0 + tx
-    xs, in_xs = _window_columns(x0, W, ALIGNED, SPAN, _pad(K, DIL))
+    xs, in_xs = _window_columns(x0, W, VEC, SPAN, _pad(K, DIL, VEC))
     in_p = (y < H)[:, None] & (x < W)[None, :]
 
     src_base = src_ptr + _sample(n, ss_n)
     a_base = a_ptr + _sample(n, sa_n)
     d_base = d_ptr + _sample(n, sd_n)
-    j = _band_index(TILE_W, SPAN, K, DIL, TRANSPOSED)  # (1, TILE_W, SPAN)
+    j = _band_index(TILE_W, SPAN, K, DIL, TRANSPOSED, VEC)  # (1, TILE_W, SPAN)
     j_t = tl.permute(j, (0, 2, 1))  # (1, SPAN, TILE_W)
 
     if SOFTMAX and not TRANSPOSED:
@@ -190,9 +189,9 @@ def elsa_band_kernel(
         v_mask = in_ys[:, None, None] & in_xs[None, :, None] & mask_c[None, None, :]
         v_ptrs = (src_base + (ys * ss_h)[:, None, None] + (xs * ss_w)[None, :, None]
                   + (offs_c * ss_c)[None, None, :])
-        if ALIGNED:  # what the compiler cannot prove: chunks of _VEC columns, aligned, masked as a whole
-            v_ptrs = tl.max_contiguous(tl.multiple_of(v_ptrs, [1, 2 * _VEC, 1]), [1, _VEC, 1])
-            v_mask = tl.max_constancy(v_mask, [1, _VEC, 1])
+        if VEC > 1:  # what the compiler cannot prove: chunks of VEC columns, aligned, masked as a whole
+            v_ptrs = tl.max_contiguous(tl.multiple_of(v_ptrs, [1, 2 * VEC, 1]), [1, VEC, 1])
+            v_mask = tl.max_constancy(v_mask, [1, VEC, 1])
         vt = tl.load(v_ptrs, mask=v_mask, other=0.0)
 
         # A_i (TILE_H, TILE_W, SPAN): the band of attention, spread from the compact logits of the row.
@@ -237,7 +236,7 @@ def elsa_band_bwd_attn_kernel(
     sa_n, sa_k, sa_h, sa_w,
     K: tl.constexpr, DIL: tl.constexpr,
     SOFTMAX: tl.constexpr, WRITE_LSE: tl.constexpr, NEED_ATTN: tl.constexpr, NEED_ADD: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, ALL_C: tl.constexpr, ALIGNED: tl.constexpr, G_ALIGNED: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, ALL_C: tl.constexpr, VEC: tl.constexpr, G_VEC: tl.constexpr,
     BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, SPAN: tl.constexpr, KP: tl.constexpr,
 ):
     """Gradients of the attention (or logits) and of the additive ghost. Grid: (N * pixel tiles,).
@@ -249,24 +248,24 @@ def elsa_band_bwd_attn_kernel(
     columns and added atomically (float32) to gd (N, C, K*K). ga (N, K*K, H, W) is contiguous. With SOFTMAX,
     dp goes first to the float32 scratch dp (N, K*K, H, W): the softmax backward
     d logit_k = p_k (dp_k - sum_k' p_k' dp_k') reads it back in float32 (rounded to bfloat16 it would cost more
-    than the bfloat16 tolerance) and writes ga in its own dtype. ALIGNED, G_ALIGNED: as for the forward's
-    src, of v and of g (whose tile starts at a multiple of TILE_W >= _VEC columns: W % _VEC == 0 makes its
+    than the bfloat16 tolerance) and writes ga in its own dtype. VEC, G_VEC: as the forward's VEC, of v
+    and of g (whose tile starts at a multiple of TILE_W >= G_VEC columns: W % G_VEC == 0 makes its
     mask whole chunks).
     """
     n, _, y0, x0 = _tile_pid(H, W, 1, 1, TILE_H, TILE_W)
     KK: tl.constexpr = K * K
     HALF: tl.constexpr = (K // 2) * DIL
-    PAD: tl.constexpr = _pad(K, DIL)
-    if ALIGNED:
-        sv_n = tl.multiple_of(sv_n, _VEC)
-        sv_c = tl.multiple_of(sv_c, _VEC)
-        sv_h = tl.multiple_of(sv_h, _VEC)
+    PAD: tl.constexpr = _pad(K, DIL, VEC)
+    if VEC > 1:
+        sv_n = tl.multiple_of(sv_n, VEC)
+        sv_c = tl.multiple_of(sv_c, VEC)
+        sv_h = tl.multiple_of(sv_h, VEC)
 
     ty = tl.arange(0, TILE_H)
     tx = tl.arange(0, TILE_W)
     y = y0 + ty
     x = x0 + tx
-    xs, in_xs = _window_columns(x0, W, ALIGNED, SPAN, PAD)
+    xs, in_xs = _window_columns(x0, W, VEC, SPAN, PAD)
     in_p = (y < H)[:, None] & (x < W)[None, :]
     jk = tl.arange(0, KP)
     # Window column of neighbour column j of pixel column tx (clamped where j >= K: never stored).
@@ -291,7 +290,7 @@ def elsa_band_bwd_attn_kernel(
     if ALL_C:  # one channel block: the gradient tile is loaded once
         offs_c = tl.arange(0, BLOCK_C)
         g_all = _load_g(g_base, y, x, offs_c, sg_c, sg_h, sg_w, in_p[:, :, None] & (offs_c < C)[None, None, :],
-                        G_ALIGNED)
+                        G_VEC)
     for i in range(K):
         ys = y + (i * DIL - HALF)
         in_ys = (ys >= 0) & (ys < H)
@@ -303,12 +302,12 @@ def elsa_band_bwd_attn_kernel(
                 gt = g_all
             else:
                 gt = _load_g(g_base, y, x, offs_c, sg_c, sg_h, sg_w, in_p[:, :, None] & mask_c[None, None, :],
-                             G_ALIGNED)
+                             G_VEC)
             v_ptrs = v_base + (ys * sv_h)[:, None, None] + (xs * sv_w)[None, None, :] + (offs_c * sv_c)[None, :, None]
             v_mask = in_ys[:, None, None] & mask_c[None, :, None] & in_xs[None, None, :]
-            if ALIGNED:  # as in the forward
-                v_ptrs = tl.max_contiguous(tl.multiple_of(v_ptrs, [1, 1, 2 * _VEC]), [1, 1, _VEC])
-                v_mask = tl.max_constancy(v_mask, [1, 1, _VEC])
+            if VEC > 1:  # as in the forward
+                v_ptrs = tl.max_contiguous(tl.multiple_of(v_ptrs, [1, 1, 2 * VEC]), [1, 1, VEC])
+                v_mask = tl.max_constancy(v_mask, [1, 1, VEC])
             vt = tl.load(v_ptrs, mask=v_mask, other=0.0)
             if NEED_ATTN:
                 gv = _dot(gt, vt, gv, UPCAST_DOT)
