@@ -9,6 +9,7 @@ log-sum-exp, then the forward kernel run ``TRANSPOSED`` gives the v gradient.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -90,6 +91,29 @@ _band_bwd_attn = triton.autotune(configs=_configs(BAND_BWD_TILES), key=_KEY + ["
         kernels_tc.elsa_band_bwd_attn_kernel))
 
 
+_fixed_tile: Optional[tuple[int, int, int, int, int]] = None
+
+
+@contextlib.contextmanager
+def fixed_tile(tile: tuple[int, int, int, int, int]):
+    """Launch every tensor-core kernel with this (BLOCK_C, TILE_H, TILE_W, warps, stages) instead of the
+    autotuner's choice: the tests check each tile a GPU may pick, not only the one that wins there."""
+    global _fixed_tile
+    previous, _fixed_tile = _fixed_tile, tile
+    try:
+        yield
+    finally:
+        _fixed_tile = previous
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    if _fixed_tile is None:
+        kernel[grid](*args, **kwargs)
+    else:
+        c, h, w, warps, stages = _fixed_tile
+        kernel.fn[grid](*args, **kwargs, BLOCK_C=c, TILE_H=h, TILE_W=w, num_warps=warps, num_stages=stages)
+
+
 def _grid(n: int, c: int, h: int, w: int, per_channel_block: bool):
     def grid(meta):
         blocks = triton.cdiv(c, meta["BLOCK_C"]) if per_channel_block else 1
@@ -106,8 +130,8 @@ def band_aggregate(src: Tensor, attn: Tensor, ghost_add: Optional[Tensor], lse: 
     """Forward (src = v) or v-gradient (src = grad, ``transposed``; with ``softmax`` needs ``lse``)."""
     n, c, h, w = src.shape
     out = src.new_empty((n, c, h, w))
-    _band[_grid(n, c, h, w, True)](
-        src, attn, ghost_add if ghost_add is not None else src, lse if lse is not None else out, out,
+    _launch(
+        _band, _grid(n, c, h, w, True), src, attn, ghost_add if ghost_add is not None else src, lse if lse is not None else out, out,
         c, h, w, *src.stride(), *attn.stride(), *_strides(ghost_add),
         K=kernel_size, DIL=dilation, HAS_ADD=ghost_add is not None, SOFTMAX=softmax, TRANSPOSED=transposed,
         UPCAST_DOT=INTERPRET,
@@ -129,8 +153,8 @@ def backward(grad: Tensor, v: Tensor, attn: Tensor, ghost_add: Optional[Tensor],
     lse = torch.empty((n, h, w), device=v.device, dtype=torch.float32) if softmax and need_v else None
     dummy = torch.empty(1, device=v.device, dtype=torch.float32)
     if need_attn or need_add or lse is not None:
-        _band_bwd_attn[_grid(n, c, h, w, False)](
-            grad, v, attn, ga if ga is not None else dummy, dp if dp is not None else dummy,
+        _launch(
+            _band_bwd_attn, _grid(n, c, h, w, False), grad, v, attn, ga if ga is not None else dummy, dp if dp is not None else dummy,
             gd if gd is not None else dummy,
             lse if lse is not None else dummy,
             c, h, w, *grad.stride(), *v.stride(), *attn.stride(),
