@@ -145,24 +145,46 @@ def _shared_bytes(opcode: str) -> int:
     return 0
 
 
+# (opcode a loop's SASS body must hold, opcode it must not) to stand for a source loop of this name.
+LOOP_MARKERS = {"softmax stats": ("MUFU", "HMMA")}
+
+
+def match_loops(instrs: list, spans: list, expected: list) -> list[tuple[tuple[int, int], tuple[str, int, int]]]:
+    """Pairs (SASS loop, source loop), in address order. A source loop with no SASS loop of its depth (and
+    marker) next in line was unrolled by the compiler: its copies are straight-line code, counted once each."""
+    depths, pairs, k = _depths(spans), [], 0
+    for span, depth in zip(spans, depths):
+        body = {op.split(".")[0] for a, op, _ in instrs if span[0] <= a <= span[1]}
+        while k < len(expected):
+            name, _, want = expected[k]
+            need, forbid = LOOP_MARKERS.get(name, (None, None))
+            k += 1
+            if want == depth and (need is None or need in body) and forbid not in body:
+                pairs.append((span, expected[k - 1]))
+                break
+        else:
+            raise RuntimeError(f"SASS loops {[(hex(a), hex(b)) for a, b in spans]} (depths {depths}) do not "
+                               f"match the source loops {expected}: update LOOPS")
+    return pairs
+
+
 def whole_kernel(sass: str, loops_expected: list) -> dict:
     """Warp-instructions of one program, loops weighted by their trip counts, and what they are made of."""
     instrs, spans = parse(sass)
     expected = _flatten(loops_expected)
-    if [d for _, _, d in expected] != _depths(spans):
-        raise RuntimeError(f"SASS loops {[(hex(a), hex(b)) for a, b in spans]} (depths {_depths(spans)}) do not "
-                           f"match the source loops {expected}: update LOOPS")
+    pairs = match_loops(instrs, spans, expected)
     weighted = collections.Counter()
     shared = hmma = 0.0
     for addr, opcode, _ in instrs:
-        w = math.prod(trips for (a, b), (_, trips, _) in zip(spans, expected) if a <= addr <= b)
+        w = math.prod(trips for (a, b), (_, trips, _) in pairs if a <= addr <= b)
         weighted[opcode.split(".")[0]] += w
         shared += w * _shared_bytes(opcode)
         if re.match(r"(HMMA|HGMMA|IMMA)", opcode):
             hmma += w
     return dict(instructions=sum(weighted.values()), opcodes=weighted, shared_bytes=shared, mma=hmma,
-                loops=[dict(name=n, trips=t, depth=d, sass=[hex(a), hex(b)]) for (n, t, d), (a, b)
-                       in zip(expected, spans)])
+                loops=[dict(name=n, trips=t, depth=d, sass=[hex(a), hex(b)]) for (a, b), (n, t, d) in pairs]
+                + [dict(name=n, trips=t, depth=d, sass="unrolled") for n, t, d in expected
+                   if all(e != (n, t, d) for _, e in pairs)])
 
 
 # ---------------------------------------------------------------------------------------------------------
