@@ -225,7 +225,8 @@ def kernel_cases(path: str, n: int, side: int) -> list[dict]:
         def band_tiles(tiles, **flags):
             return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1, vec), KP=band.slots(K),
                           EVEN_C=C % c == 0, VEC=vec, **flags), (warps, stages),
-                     n * math.ceil(C / c) * math.ceil(side / h) * math.ceil(side / w)) for c, h, w, warps, stages in tiles]
+                     n * math.ceil(C / c) * math.ceil(side / h) * math.ceil(side / w))
+                    for c, h, w, warps, stages in tiles]
 
         def attn_tiles(tiles):
             return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1, vec), KP=band.slots(K),
@@ -241,7 +242,8 @@ def kernel_cases(path: str, n: int, side: int) -> list[dict]:
             dict(kernel="grad_logits+ghost", fn=attn_fn,
                  flags=dict(geom, WRITE_LSE=True, NEED_ATTN=True, NEED_ADD=True),
                  tiles=attn_tiles(band.BAND_BWD_TILES), prefixes=dict(g="nchw", v="nchw", a="logits"),
-                 loops=lambda cfg: [("softmax stats", KK), ("neighbour rows", K, [("channel blocks", channel_trips(cfg))]),
+                 loops=lambda cfg: [("softmax stats", KK),
+                                    ("neighbour rows", K, [("channel blocks", channel_trips(cfg))]),
                                     ],  # the softmax backward (KK logits per pixel) is unrolled
                  dram=(n * C * hw * 2 + n * KK * hw * 2) * el + n * KK * hw * 8 + n * hw * 4),
             dict(kernel="grad_v", fn=band_fn, flags=dict(geom, HAS_ADD=True, TRANSPOSED=True),
@@ -297,8 +299,9 @@ def analyse(case: dict, cfg: dict, launch: tuple[int, int], programs: int, n: in
     count = whole_kernel(sass, case["loops"](cfg))
     element_neighbours = n * CHANNELS * side * side * KERNEL_SIZE ** 2
     warp_instr = count["instructions"] * warps * programs
-    row = dict(kernel=case["kernel"], tile={k: v for k, v in cfg.items() if k.isupper() and k.startswith(("BLOCK", "TILE"))},
-               num_warps=warps, num_stages=stages, programs=programs, registers=usage["REG"], spill_bytes=usage["STACK"],
+    tile = {k: v for k, v in cfg.items() if k.startswith(("BLOCK_", "TILE_"))}
+    row = dict(kernel=case["kernel"], tile=tile, num_warps=warps, num_stages=stages, programs=programs,
+               registers=usage["REG"], spill_bytes=usage["STACK"],
                shared_bytes=usage["SHARED"] + usage["dynamic_shared"],
                sass_per_program_warp=int(count["instructions"]), mma_per_program_warp=int(count["mma"]),
                instructions_per_element_neighbour=round(warp_instr * 32 / element_neighbours, 2),
@@ -324,8 +327,8 @@ def best_rows(path: str, n: int, side: int, dtype: str, arch: int) -> list[dict]
         rows = [analyse(case, cfg, launch, programs, n, side, dtype, arch) for cfg, launch, programs in case["tiles"]]
         ok = [r for r in rows if r["spill_bytes"] == 0] or rows
         best = min(ok, key=lambda r: r["instructions_per_element_neighbour"])
-        out.append(dict(best, candidates=[{k: r[k] for k in ("tile", "num_warps", "num_stages", "registers", "spill_bytes",
-                                                              "instructions_per_element_neighbour")} for r in rows]))
+        keys = ("tile", "num_warps", "num_stages", "registers", "spill_bytes", "instructions_per_element_neighbour")
+        out.append(dict(best, candidates=[{k: r[k] for k in keys} for r in rows]))
     return out
 
 
@@ -345,9 +348,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
             totals[(path, stage)] = total
             for r in rows:
                 b = r["bounds"]
-                print(f"{path:11s} {stage} {r['kernel']:18s} {r['tile']} w{r['num_warps']} s{r['num_stages']}  regs {r['registers']:3d} "
+                print(f"{path:11s} {stage} {r['kernel']:18s} {r['tile']} w{r['num_warps']} s{r['num_stages']}  "
+                      f"regs {r['registers']:3d} "
                       f"spill {r['spill_bytes']:4d} B  smem {r['shared_bytes']:6d} B  "
-                      f"{r['instructions_per_element_neighbour']:5.2f} SASS/el-nb  mma/prog-warp {r['mma_per_program_warp']:5d}  "
+                      f"{r['instructions_per_element_neighbour']:5.2f} SASS/el-nb  "
+                      f"mma/prog-warp {r['mma_per_program_warp']:5d}  "
                       f"H100 {b['H100']['bound']} {b['H100']['bound_ms']:.3f} ms  H200 {b['H200']['bound']} "
                       f"{b['H200']['bound_ms']:.3f} ms", flush=True)
             ms = {gpu: round(sum(r["bounds"][gpu]["bound_ms"] for r in rows), 4) for gpu in GPUS}

@@ -306,7 +306,8 @@ def band_calls(monkeypatch):
 def test_band_matches_reference(n, c, h, w, k, dilation, add, softmax, dtype, band_calls):
     inputs = _inputs(n, c, h, w, k, 1, False, add, dtype=dtype, logit_scale=3.0 if softmax else 0.5)
     assert band.applies(inputs[0], None, 1)
-    vec = band.vector_width(dict(W=w, src_ptr=inputs[0], **{f"ss_{d}": st for d, st in zip("nchw", inputs[0].stride())}))
+    strides = {f"ss_{d}": st for d, st in zip("nchw", inputs[0].stride())}
+    vec = band.vector_width(dict(W=w, src_ptr=inputs[0], **strides))
     assert vec == (8 if w % 8 == 0 else 4 if w % 4 == 0 else 2 if w % 2 == 0 else 1)
     _compare(inputs, k, dilation, 1, softmax=softmax)
     assert band_calls[:2] == ["aggregate", "backward"]

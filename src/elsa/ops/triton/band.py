@@ -131,7 +131,8 @@ def band_aggregate(src: Tensor, attn: Tensor, ghost_add: Optional[Tensor], lse: 
     n, c, h, w = src.shape
     out = src.new_empty((n, c, h, w))
     _launch(
-        _band, _grid(n, c, h, w, True), src, attn, ghost_add if ghost_add is not None else src, lse if lse is not None else out, out,
+        _band, _grid(n, c, h, w, True),
+        src, attn, ghost_add if ghost_add is not None else src, lse if lse is not None else out, out,
         c, h, w, *src.stride(), *attn.stride(), *_strides(ghost_add),
         K=kernel_size, DIL=dilation, HAS_ADD=ghost_add is not None, SOFTMAX=softmax, TRANSPOSED=transposed,
         UPCAST_DOT=INTERPRET,
@@ -154,7 +155,8 @@ def backward(grad: Tensor, v: Tensor, attn: Tensor, ghost_add: Optional[Tensor],
     dummy = torch.empty(1, device=v.device, dtype=torch.float32)
     if need_attn or need_add or lse is not None:
         _launch(
-            _band_bwd_attn, _grid(n, c, h, w, False), grad, v, attn, ga if ga is not None else dummy, dp if dp is not None else dummy,
+            _band_bwd_attn, _grid(n, c, h, w, False),
+            grad, v, attn, ga if ga is not None else dummy, dp if dp is not None else dummy,
             gd if gd is not None else dummy,
             lse if lse is not None else dummy,
             c, h, w, *grad.stride(), *v.stride(), *attn.stride(),

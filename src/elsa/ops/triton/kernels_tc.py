@@ -5,15 +5,20 @@ neighbour k = i*K + j of pixel (y, x) reads v at (y + (i - K//2)*R, x + (j - K//
 
 A program owns a TILE_H x TILE_W tile of pixels and a block of channels. For each neighbour row i the tile's
 pixel row ty reads one source row, and its pixels read K columns of the same ``SPAN``-wide window of it
-(SPAN >= TILE_W + (K-1)*R): the attention of the row to that window is a band matrix A_i (TILE_W x SPAN), and
-the aggregation is the batched product A_i (TILE_H, TILE_W, SPAN) @ V_i (TILE_H, SPAN, BLOCK_C) on tensor
-cores. The band is gathered straight from the logits (masked loads: only K of SPAN entries per row are read)
-and turned into probabilities as it is loaded, from per-pixel softmax statistics of a first pass.
+(the window starts _pad(K, DIL, VEC) columns left of the tile; SPAN, a power of two, covers the tile and
+K//2 * DIL columns either side): the attention of the row to that window is a band matrix A_i
+(TILE_W x SPAN), and the aggregation is the batched product A_i (TILE_H, TILE_W, SPAN) @ V_i (TILE_H, SPAN,
+BLOCK_C) on tensor cores. The K logits of each pixel's neighbour row are loaded compactly (KP slots, the
+spare ones zero), turned into probabilities from per-pixel float32 softmax statistics of a first pass, and
+spread onto the band with ``tl.gather``.
 
 The additive ghost does not depend on the pixel: for channel c it is a Toeplitz band T_i[c] (SPAN x TILE_W)
 with T_i[c][s, tx] = d[c, i, (s - tx)/R], and its term is the batched product
-V_i^T (BLOCK_C, TILE_H, SPAN) @ T_i (BLOCK_C, SPAN, TILE_W), built once per program and neighbour row.
-The multiplicative ghost (m * a) is not a product of two matrices; it stays on the CUDA-core kernels.
+V_i^T (BLOCK_C, TILE_H, SPAN) @ T_i (BLOCK_C, SPAN, TILE_W). T_i is spread from the ghost's row i once per
+program and neighbour row, the same way. The multiplicative ghost (m * a) is not a product of two matrices;
+it stays on the CUDA-core kernels.
+
+Costs (SASS instructions per element-neighbour, whole kernels) are counted by benchmarks/kernel_sass.py.
 
 ``TRANSPOSED`` turns the same kernel into the v-gradient: gv[c, y, x] = sum_k g[c, q] * (a[k, q] + d[c, k])
 with q = (y - (i - K//2)*R, x - (j - K//2)*R), i.e. neighbour rows and columns reflected and the attention
@@ -140,8 +145,8 @@ def elsa_band_kernel(
 
     Grid: (N * channel blocks * pixel tiles,), tiles fastest. lse (N, H, W) float32 is read only when
     TRANSPOSED and SOFTMAX. The K logits of a neighbour row are loaded compactly (KP slots per pixel, a
-    quarter of the band's entries, slots K.. zero), turned into probabilities there, and spread onto the band with
-    ``tl.gather``; the ghost row is spread onto its Toeplitz band the same way. EVEN_C: C % BLOCK_C == 0.
+    quarter of the band's entries, slots K.. zero), turned into probabilities there, and spread onto the band
+    with ``tl.gather``; the ghost row is spread onto its Toeplitz band the same way. EVEN_C: C % BLOCK_C == 0.
     VEC: the widest vector (1, 2, 4 or 8 columns) with W, the src strides and address multiples of it (unit
     column stride); the window then starts VEC-aligned and its loads are vectors.
     """
@@ -303,7 +308,8 @@ def elsa_band_bwd_attn_kernel(
             else:
                 gt = _load_g(g_base, y, x, offs_c, sg_c, sg_h, sg_w, in_p[:, :, None] & mask_c[None, None, :],
                              G_VEC)
-            v_ptrs = v_base + (ys * sv_h)[:, None, None] + (xs * sv_w)[None, None, :] + (offs_c * sv_c)[None, :, None]
+            v_ptrs = (v_base + (ys * sv_h)[:, None, None] + (xs * sv_w)[None, None, :]
+                      + (offs_c * sv_c)[None, :, None])
             v_mask = in_ys[:, None, None] & mask_c[None, :, None] & in_xs[None, None, :]
             if VEC > 1:  # as in the forward
                 v_ptrs = tl.max_contiguous(tl.multiple_of(v_ptrs, [1, 1, 2 * VEC]), [1, 1, VEC])
