@@ -219,18 +219,19 @@ def kernel_cases(path: str, n: int, side: int) -> list[dict]:
     if path == "tensor-core":
         geom = dict(K=K, DIL=1, SOFTMAX=True, UPCAST_DOT=False)
         # contiguous tensors: the vector width is set by W (band.vector_width)
-        vec = band.vector_width(dict(W=side, ss_n=C * hw, ss_c=hw, ss_h=side, ss_w=1, src_ptr=_ALIGNED_PTR))
+        layout = dict(W=side, ss_n=C * hw, ss_c=hw, ss_h=side, ss_w=1, src_ptr=_ALIGNED_PTR, K=K, DIL=1)
+        vec = lambda w: band.window_vector(dict(layout, TILE_W=w))  # noqa: E731
         band_fn, attn_fn = kernels_tc.elsa_band_kernel, kernels_tc.elsa_band_bwd_attn_kernel
 
         def band_tiles(tiles, **flags):
-            return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1, vec), KP=band.slots(K),
-                          EVEN_C=C % c == 0, VEC=vec, **flags), (warps, stages),
+            return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1, vec(w)), KP=band.slots(K),
+                          EVEN_C=C % c == 0, VEC=vec(w), **flags), (warps, stages),
                      n * math.ceil(C / c) * math.ceil(side / h) * math.ceil(side / w))
                     for c, h, w, warps, stages in tiles]
 
         def attn_tiles(tiles):
-            return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1, vec), KP=band.slots(K),
-                          ALL_C=C <= c, VEC=vec, G_VEC=vec), (warps, stages),
+            return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1, vec(w)), KP=band.slots(K),
+                          ALL_C=C <= c, VEC=vec(w), G_VEC=band.vector_width(layout)), (warps, stages),
                      n * math.ceil(side / h) * math.ceil(side / w)) for c, h, w, warps, stages in tiles]
 
         channel_trips = lambda cfg: math.ceil(C / cfg["BLOCK_C"])  # noqa: E731

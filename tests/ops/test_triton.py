@@ -231,13 +231,17 @@ for even_c, all_c in ((False, False), (True, True)):
 
 from elsa.ops.triton import band, kernels_tc
 
+def tile(c, th, tw, vec):
+    return dict(K=5, DIL=2, BLOCK_C=c, TILE_H=th, TILE_W=tw, SPAN=band.span(tw, 5, 2, vec), KP=8, UPCAST_DOT=False)
+
 for c, th, tw, warps, _ in band.BAND_TILES:
     for vec, transposed in ((8, False), (4, True), (1, False)):
-        tile = dict(K=5, DIL=2, BLOCK_C=c, TILE_H=th, TILE_W=tw, SPAN=band.span(tw, 5, 2, vec), KP=8, UPCAST_DOT=False)
-        compile_for(kernels_tc.elsa_band_kernel, dict(tile, HAS_ADD=True, SOFTMAX=True, TRANSPOSED=transposed,
-                    EVEN_C=vec == 8, VEC=vec), dtype="fp16", num_warps=warps)
-        compile_for(kernels_tc.elsa_band_bwd_attn_kernel, dict(tile, SOFTMAX=True, WRITE_LSE=True, NEED_ATTN=True,
-                    NEED_ADD=True, ALL_C=False, VEC=vec, G_VEC=8 // vec), num_warps=warps)
+        compile_for(kernels_tc.elsa_band_kernel, dict(tile(c, th, tw, vec), HAS_ADD=True, SOFTMAX=True,
+                    TRANSPOSED=transposed, EVEN_C=vec == 8, VEC=vec), dtype="fp16", num_warps=warps)
+for c, th, tw, warps, _ in band.BAND_BWD_TILES:
+    for vec in (8, 4, 1):
+        compile_for(kernels_tc.elsa_band_bwd_attn_kernel, dict(tile(c, th, tw, vec), SOFTMAX=True, WRITE_LSE=True,
+                    NEED_ATTN=True, NEED_ADD=True, ALL_C=False, VEC=vec, G_VEC=8 // vec), num_warps=warps)
 print("compiled")
 """
 

@@ -21,11 +21,14 @@ from . import kernels_tc
 
 INTERPRET = isinstance(kernels_tc.elsa_band_kernel, InterpretedFunction)
 
-# (BLOCK_C, TILE_H, TILE_W, warps, pipeline stages). 16 x 16 pixel tiles (8-row and 32-column tiles cost more
-# per element in benchmarks/kernel_sass.py, 4 warps spill); two stages of software pipelining cost fewer
-# instructions than three or four. The interpreter runs the first one, a tile size a GPU really uses.
-BAND_TILES = [(32, 16, 16, 8, 2), (32, 16, 16, 8, 3), (64, 16, 16, 8, 2), (16, 16, 16, 4, 2)]
-BAND_BWD_TILES = [(32, 16, 16, 8, 2), (32, 16, 16, 8, 4), (64, 16, 16, 8, 2)]
+# (BLOCK_C, TILE_H, TILE_W, warps, pipeline stages), cheapest first in benchmarks/kernel_sass.py at the
+# ELSA-Swin stages. 16 x 16 tiles, and 8 x 8 ones for the v gradient (56 = 7 x 8: no padded pixels); two to
+# four stages of software pipelining, whichever is cheapest without register spills. TILE_H >= 16 in the
+# backward (it is the contraction of the ghost-gradient product). The interpreter runs the first one, a tile
+# size a GPU really uses; the tests run every one (fixed_tile).
+BAND_TILES = [(32, 16, 16, 8, 2), (32, 8, 8, 4, 2), (32, 16, 8, 4, 2), (32, 16, 16, 8, 3), (64, 16, 16, 8, 2),
+              (16, 16, 16, 4, 2)]
+BAND_BWD_TILES = [(32, 16, 16, 8, 4), (32, 16, 16, 8, 2), (32, 16, 8, 4, 2), (64, 16, 16, 8, 2)]
 MIN_CHANNELS = 16
 
 
@@ -46,6 +49,15 @@ def slots(kernel_size: int) -> int:
     """Logit slots per neighbour row: a power of two with at least one spare (zero) slot for the band's
     empty entries to gather from (kernels_tc._band_index)."""
     return triton.next_power_of_2(kernel_size + 1)
+
+
+def window_vector(args: dict) -> int:
+    """vector_width, narrowed until aligning the window to it does not widen SPAN (8-wide tiles: 4)."""
+    vec = vector_width(args)
+    tile_w, k, dil = args["TILE_W"], args["K"], args["DIL"]
+    while vec > 1 and span(tile_w, k, dil, vec) > span(tile_w, k, dil, 1):
+        vec //= 2
+    return vec
 
 
 def _as_src(args: dict, name: str) -> dict:
@@ -81,11 +93,11 @@ _KEY = ["C", "H", "W", "K", "DIL", "SOFTMAX"]
 _KP = {"KP": lambda args: slots(args["K"])}
 _band = triton.autotune(configs=_configs(BAND_TILES), key=_KEY + ["TRANSPOSED", "HAS_ADD"],
                         prune_configs_by={"early_config_prune": _prune})(
-    triton.heuristics(dict(VEC=vector_width, **_SPAN, **_KP, EVEN_C=lambda args: args["C"] % args["BLOCK_C"] == 0))(
+    triton.heuristics(dict(VEC=window_vector, **_SPAN, **_KP, EVEN_C=lambda args: args["C"] % args["BLOCK_C"] == 0))(
         kernels_tc.elsa_band_kernel))
 _band_bwd_attn = triton.autotune(configs=_configs(BAND_BWD_TILES), key=_KEY + ["NEED_ATTN", "NEED_ADD", "WRITE_LSE"],
                                  prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["gd_ptr"])(
-    triton.heuristics(dict(VEC=lambda args: vector_width(_as_src(args, "v")),
+    triton.heuristics(dict(VEC=lambda args: window_vector(_as_src(args, "v")),
                            G_VEC=lambda args: vector_width(_as_src(args, "g")),
                            **_SPAN, **_KP, ALL_C=lambda args: args["C"] <= args["BLOCK_C"]))(
         kernels_tc.elsa_band_bwd_attn_kernel))
