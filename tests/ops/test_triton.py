@@ -319,13 +319,18 @@ def test_band_matches_reference(n, c, h, w, k, dilation, add, softmax, dtype, ba
 
 @pytest.mark.parametrize("tile", sorted(set(band.BAND_TILES) | set(band.BAND_BWD_TILES)),
                          ids=lambda t: "c{}-{}x{}-w{}-s{}".format(*t))
-def test_band_every_tile(tile, band_calls):
+def test_band_every_tile(tile, band_calls, monkeypatch):
     """Each tile the autotuner may choose on a GPU (the interpreter otherwise runs only the first), with two
     channel blocks where the tile's block is 32 wide and a partial one where it is 64."""
+    fixed = []  # per launch: whether it ran the fixed tile (it does for the kernels that list it)
+    real_launch = band._launch
+    monkeypatch.setattr(band, "_launch", lambda kernel, tiles, *args, **kwargs: (
+        fixed.append(tile in tiles), real_launch(kernel, tiles, *args, **kwargs)))
     inputs = _inputs(1, 48, 17, 20, 7, 1, False, True, dtype=torch.bfloat16, logit_scale=3.0)
     with band.fixed_tile(tile):
         _compare(inputs, 7, 1, 1, softmax=True)
     assert band_calls[:2] == ["aggregate", "backward"]
+    assert len(fixed) == 3 and any(fixed)  # forward, logit gradient, v gradient
 
 
 @pytest.mark.parametrize("requires", [(True, False, False, False), (False, True, False, False),

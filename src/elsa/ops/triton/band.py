@@ -108,8 +108,9 @@ _fixed_tile: Optional[tuple[int, int, int, int, int]] = None
 
 @contextlib.contextmanager
 def fixed_tile(tile: tuple[int, int, int, int, int]):
-    """Launch every tensor-core kernel with this (BLOCK_C, TILE_H, TILE_W, warps, stages) instead of the
-    autotuner's choice: the tests check each tile a GPU may pick, not only the one that wins there."""
+    """Launch the tensor-core kernels whose candidate list holds this (BLOCK_C, TILE_H, TILE_W, warps, stages)
+    with it instead of the autotuner's choice (the others autotune as usual): the tests check each tile a GPU
+    may pick, not only the one that wins there."""
     global _fixed_tile
     previous, _fixed_tile = _fixed_tile, tile
     try:
@@ -118,8 +119,8 @@ def fixed_tile(tile: tuple[int, int, int, int, int]):
         _fixed_tile = previous
 
 
-def _launch(kernel, grid, *args, **kwargs) -> None:
-    if _fixed_tile is None:
+def _launch(kernel, tiles, grid, *args, **kwargs) -> None:
+    if _fixed_tile not in tiles:
         kernel[grid](*args, **kwargs)
     else:
         c, h, w, warps, stages = _fixed_tile
@@ -143,7 +144,7 @@ def band_aggregate(src: Tensor, attn: Tensor, ghost_add: Optional[Tensor], lse: 
     n, c, h, w = src.shape
     out = src.new_empty((n, c, h, w))
     _launch(
-        _band, _grid(n, c, h, w, True),
+        _band, BAND_TILES, _grid(n, c, h, w, True),
         src, attn, ghost_add if ghost_add is not None else src, lse if lse is not None else out, out,
         c, h, w, *src.stride(), *attn.stride(), *_strides(ghost_add),
         K=kernel_size, DIL=dilation, HAS_ADD=ghost_add is not None, SOFTMAX=softmax, TRANSPOSED=transposed,
@@ -167,7 +168,7 @@ def backward(grad: Tensor, v: Tensor, attn: Tensor, ghost_add: Optional[Tensor],
     dummy = torch.empty(1, device=v.device, dtype=torch.float32)
     if need_attn or need_add or lse is not None:
         _launch(
-            _band_bwd_attn, _grid(n, c, h, w, False),
+            _band_bwd_attn, BAND_BWD_TILES, _grid(n, c, h, w, False),
             grad, v, attn, ga if ga is not None else dummy, dp if dp is not None else dummy,
             gd if gd is not None else dummy,
             lse if lse is not None else dummy,

@@ -1,6 +1,8 @@
 """Launchers and custom-op registration for the Triton ELSA kernels (``kernels.py``).
 
-Three kernels make the operator (spec section 1):
+float16/bfloat16 calls at stride 1 with 16 or more channels and no multiplicative ghost (ELSA-Swin's) go to the tensor-core
+kernels instead (``band.py``, ``kernels_tc.py``): ``_forward`` and ``_backward`` hand them over first thing.
+Everything else runs the three CUDA-core kernels that make the operator (spec section 1):
 
 - ``elsa_fwd_kernel``: one program per (tile of output pixels, n, block of channels); the K*K loop runs
   inside the program, so the attention of the tile is read once per channel block (once in total when
