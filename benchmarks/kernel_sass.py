@@ -7,8 +7,9 @@ are marked 16-divisible) for the ELSA-Swin-T stage shapes (batch 128, 32 channel
 additive ghost, fused softmax, contiguous tensors as ``op_bench.py`` makes them), and counted whole:
 
 - every SASS instruction once per program, times the trip counts of the loops around it. The loops are the
-  backward branches of the SASS; they are matched, in address order and nesting, with the loops of the
-  kernel's source (``LOOPS``), and the script stops if the compiler's loop structure differs. Instructions in
+  backward branches of the SASS; they are matched, in address order and nesting (and by LOOP_MARKERS), with
+  the loops of the kernel's source (``loops`` in ``kernel_cases``). A source loop the compiler unrolled has no
+  SASS loop and its copies count once each; the script stops if a SASS loop matches none. Instructions in
   run-time branches are counted as if executed (an upper bound);
 - registers, spill bytes, shared memory, tensor-core (HMMA/HGMMA) instructions;
 - the bound of each kernel on an H100 and an H200: instruction issue (4 warp-instructions per clock per SM),
@@ -164,7 +165,7 @@ def match_loops(instrs: list, spans: list, expected: list) -> list[tuple[tuple[i
                 break
         else:
             raise RuntimeError(f"SASS loops {[(hex(a), hex(b)) for a, b in spans]} (depths {depths}) do not "
-                               f"match the source loops {expected}: update LOOPS")
+                               f"match the source loops {expected}: update kernel_cases")
     return pairs
 
 
