@@ -1,18 +1,27 @@
 """Static cost of the Triton ELSA kernels: compile them for a GPU architecture and read the machine code.
 
 No GPU is needed: Triton compiles for an explicit target (default sm_90, the H100/H200) with the ptxas it
-ships, and ``cuobjdump`` (also shipped) gives the SASS and the resource usage. For each kernel, ghost variant
-and candidate tile of ``elsa.ops.triton.op`` (K = 7, 32 channels per head as in ELSA-Swin, bfloat16, fused
-softmax) it reports:
+ships, and ``cuobjdump`` (also shipped) gives the SASS and the resource usage. Each kernel is compiled as a
+launch would specialise it (integer arguments equal to 1 become constants, multiples of 16 and the pointers
+are marked 16-divisible) for the ELSA-Swin-T stage shapes (batch 128, 32 channels per head, K = 7,
+additive ghost, fused softmax, contiguous tensors as ``op_bench.py`` makes them), and counted whole:
 
-- registers per thread and spill bytes (``STACK``; anything above 0 means local-memory traffic);
-- SASS instructions issued per element and neighbour: the instructions of the loop body over neighbours
-  divided by the (channel, pixel) elements one thread handles in it. The op is a gather-multiply-add with
-  49 neighbours, so this count, not DRAM traffic, bounds the kernels on a GPU: at about 4 warp-instructions
-  per clock per SM, N instructions per element-neighbour take N * elements * 49 / 32 / (4 * SMs * clock).
+- every SASS instruction once per program, times the trip counts of the loops around it. The loops are the
+  backward branches of the SASS; they are matched, in address order and nesting (and by LOOP_MARKERS), with
+  the loops of the kernel's source (``loops`` in ``kernel_cases``). A source loop the compiler unrolled has no
+  SASS loop and its copies count once each; the script stops if a SASS loop matches none. Instructions in
+  run-time branches are counted as if executed (an upper bound);
+- registers, spill bytes, shared memory, tensor-core (HMMA/HGMMA) instructions;
+- the bound of each kernel on an H100 and an H200: instruction issue (4 warp-instructions per clock per SM),
+  shared memory (128 bytes per clock per SM, no bank conflicts counted), tensor cores (mma.sync taken at half
+  the dense peak: 2048 FLOPs per clock per SM) and DRAM (the bytes each kernel must move at the measured
+  copy rate; H200: spec ratio).
+
+"SASS instructions per element-neighbour" = thread-instructions of the whole launch / (N * C * H * W * K*K).
+Both paths are reported: ``tensor-core`` (kernels_tc.py, what the triton backend runs for fp16/bf16 at stride 1)
+and ``cuda-core`` (kernels.py, the fallback), each with the spill-free tile of fewest instructions.
 
     python benchmarks/kernel_sass.py                 # sm_90, writes benchmarks/results/kernel_sass_sm90.json
-    python benchmarks/kernel_sass.py --arch 80       # A100
 
 The figures predict, they do not measure: timings come from benchmarks/op_bench.py on a GPU.
 """
@@ -21,7 +30,9 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import functools
 import json
+import math
 import os
 import re
 import subprocess
@@ -34,21 +45,40 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for real, whatever the calle
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
 
 try:
     import elsa  # noqa: F401
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from elsa.ops.triton import kernels, op  # noqa: E402
-from elsa.ops.triton.aot import compile_for  # noqa: E402
+from elsa.ops.triton import band, kernels, kernels_tc, op  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-KERNEL_SIZE, CHANNELS = 7, 32
-# (name, has ghost_mul, has ghost_add): ELSA-Swin uses the additive ghost only (lam = 0).
-VARIANTS = [("additive ghost", False, True), ("both ghosts", True, True)]
+KERNEL_SIZE, CHANNELS, BATCH = 7, 32, 128
+# (name, H = W, heads) of ELSA-Swin-T's ELSA stages at 224 (benchmarks/op_bench.py).
+STAGES = [("stage1", 56, 3), ("stage2", 28, 6), ("stage3", 14, 12)]
+# SMs, clock (GHz), copy bandwidth (GB/s, read + write). H100 SXM: the 3.0 TB/s copy rate measured on these
+# machines; H200: the same SMs and clock, copy rate scaled by the spec ratio 4.8 / 3.35.
+GPUS = {"H100": (132, 1.98, 3000.0), "H200": (132, 1.98, 3000.0 * 4.8 / 3.35)}
+ISSUE_PER_CLK, SHARED_B_PER_CLK, MMA_FLOP_PER_CLK = 4, 128, 2048
+FLOAT32_POINTERS = frozenset({"gm_ptr", "gd_ptr", "lse_ptr", "dp_ptr"})
 
+
+class _AlignedPointer:
+    """Stands for a freshly allocated (256-byte aligned) tensor in band.vector_width."""
+    @staticmethod
+    def data_ptr() -> int:
+        return 256
+
+
+_ALIGNED_PTR = _AlignedPointer()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compiling and reading SASS
 
 def _cuobjdump(cubin: bytes, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -58,97 +88,288 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
                               check=True).stdout
 
 
-def loops(sass: str) -> list[dict]:
-    """Every backward branch as a loop: its address range, instruction count, opcode counts, nesting."""
+def compile_launch_like(fn, constexprs: dict, ints: dict, dtype: str, num_warps: int, arch: int,
+                        num_stages: int = 3):
+    """``fn`` compiled as a launch with these integer arguments would specialise it."""
+    signature, attrs, constants = {}, {}, dict(constexprs)
+    for idx, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in FLOAT32_POINTERS else f"*{dtype}"
+            attrs[(idx,)] = [["tt.divisibility", 16]]
+        elif ints[name] == 1:
+            signature[name] = "constexpr"
+            constants[name] = 1
+        else:
+            signature[name] = "i32"
+            if ints[name] % 16 == 0:
+                attrs[(idx,)] = [["tt.divisibility", 16]]
+    return triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def parse(sass: str) -> tuple[list[tuple[int, str, str]], list[tuple[int, int]]]:
+    """(instructions as (address, opcode, text), loops as (start, end) address ranges of backward branches)."""
     instrs = []
     for m in SASS_LINE.finditer(sass):
         text = re.sub(r"^@!?U?P\w+\s+", "", m.group(2))
-        instrs.append((int(m.group(1), 16), text.split()[0].split(".")[0], text))
+        instrs.append((int(m.group(1), 16), text.split()[0], text))
     spans = []
     for addr, opcode, text in instrs:
-        target = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", text) if opcode == "BRA" else None
+        target = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", text) if opcode.startswith("BRA") else None
         if target and target.group(1) and int(target.group(1), 16) < addr:
             spans.append((int(target.group(1), 16), addr))
-    found = []
-    for start, end in spans:
-        body = [opcode for a, opcode, _ in instrs if start <= a <= end]
-        nested = sum(1 for s, e in spans if (s, e) != (start, end) and start <= s and e <= end)
-        found.append(dict(start=start, end=end, instructions=len(body), nested=nested,
-                          opcodes=collections.Counter(body)))
-    return found
+    return instrs, sorted(spans, key=lambda s: (s[0], -s[1]))
 
 
-def per_element(kernel_loops: list[dict], elements: float, channel_trips: int) -> tuple[float, dict]:
-    """Instructions per element and neighbour, and the opcode mix of the loop over neighbours.
-
-    The neighbour loop is the innermost loop holding the loads; in the attention-gradient kernel it holds a
-    loop over channel blocks (``channel_trips`` trips), counted that many times.
-    """
-    innermost = max((lp for lp in kernel_loops if lp["nested"] == 0), key=lambda lp: lp["opcodes"]["LDG"])
-    if channel_trips == 0:
-        return innermost["instructions"] / elements, dict(innermost["opcodes"])
-    outer = min((lp for lp in kernel_loops if lp["nested"] >= 1 and lp["start"] <= innermost["start"]
-                 and innermost["end"] <= lp["end"]), key=lambda lp: lp["instructions"])
-    issued = outer["instructions"] + innermost["instructions"] * (channel_trips - 1)
-    return issued / (elements * channel_trips), dict(innermost["opcodes"])
+def _depths(spans: list[tuple[int, int]]) -> list[int]:
+    return [sum(1 for o in spans if o != s and o[0] <= s[0] and s[1] <= o[1]) for s in spans]
 
 
-def analyse(name: str, fn, constexprs: dict, tile: tuple[int, int, int], dtype: str, arch: int,
-            channel_loop: bool) -> dict:
-    block_c, block_p, warps = tile
-    compiled = compile_for(fn, dict(constexprs, BLOCK_C=block_c, BLOCK_P=block_p), dtype=dtype, num_warps=warps,
-                           arch=arch)
-    cubin = compiled.asm["cubin"]
-    usage = dict(re.findall(r"(REG|STACK|SHARED):(\d+)", _cuobjdump(cubin, "--dump-resource-usage")))
-    elements = block_c * block_p / (32 * warps)
-    trips = -(-CHANNELS // block_c) if channel_loop else 0
-    cost, mix = per_element(loops(_cuobjdump(cubin, "-sass")), elements, trips)
-    keep = ("LDG", "STG", "LDL", "STL", "FFMA", "IMAD", "PRMT", "SHFL", "BAR", "MUFU")
-    return dict(kernel=name, block_c=block_c, block_p=block_p, num_warps=warps, elements_per_thread=elements,
-                registers=int(usage["REG"]), spill_bytes=int(usage["STACK"]), shared_bytes=int(usage["SHARED"]),
-                instructions_per_element_neighbour=round(cost, 2),
-                inner_loop_opcodes={k: mix.get(k, 0) for k in keep if mix.get(k, 0)})
+def _flatten(tree: list, depth: int = 0) -> list[tuple[str, int, int]]:
+    out = []
+    for name, trips, *children in tree:
+        out.append((name, trips, depth))
+        for child in children:
+            out += _flatten(child, depth + 1)
+    return out
 
 
-def kernel_cases(has_mul: bool, has_add: bool) -> list[tuple[str, object, dict, list, bool]]:
-    geometry = dict(K=KERNEL_SIZE, DIL=1, STRIDE=1, SOFTMAX=True)
-    gather = dict(geometry, HAS_MUL=has_mul, HAS_ADD=has_add)
+def _shared_bytes(opcode: str) -> int:
+    """Bytes one warp moves through shared memory with this instruction (no bank conflicts)."""
+    if opcode.startswith("LDSM"):
+        return 128 * int(re.search(r"M88\.?(\d)?", opcode).group(1) or 1) if "M88" in opcode else 512
+    if opcode.split(".")[0] in ("LDS", "STS", "ATOMS"):
+        width = re.search(r"\.(U8|S8|U16|S16|64|128)\b", opcode)
+        return 32 * {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}[width.group(1)] if width else 128
+    return 0
+
+
+# (opcode a loop's SASS body must hold, opcode it must not) to stand for a source loop of this name.
+LOOP_MARKERS = {"softmax stats": ("MUFU", "HMMA")}
+
+
+def match_loops(instrs: list, spans: list, expected: list) -> list[tuple[tuple[int, int], tuple[str, int, int]]]:
+    """Pairs (SASS loop, source loop), in address order. A source loop with no SASS loop of its depth (and
+    marker) next in line was unrolled by the compiler: its copies are straight-line code, counted once each."""
+    depths, pairs, k = _depths(spans), [], 0
+    for span, depth in zip(spans, depths):
+        body = {op.split(".")[0] for a, op, _ in instrs if span[0] <= a <= span[1]}
+        while k < len(expected):
+            name, _, want = expected[k]
+            need, forbid = LOOP_MARKERS.get(name, (None, None))
+            k += 1
+            if want == depth and (need is None or need in body) and forbid not in body:
+                pairs.append((span, expected[k - 1]))
+                break
+        else:
+            raise RuntimeError(f"SASS loops {[(hex(a), hex(b)) for a, b in spans]} (depths {depths}) do not "
+                               f"match the source loops {expected}: update kernel_cases")
+    return pairs
+
+
+def whole_kernel(sass: str, loops_expected: list) -> dict:
+    """Warp-instructions of one program, loops weighted by their trip counts, and what they are made of."""
+    instrs, spans = parse(sass)
+    expected = _flatten(loops_expected)
+    pairs = match_loops(instrs, spans, expected)
+    weighted = collections.Counter()
+    shared = hmma = 0.0
+    for addr, opcode, _ in instrs:
+        w = math.prod(trips for (a, b), (_, trips, _) in pairs if a <= addr <= b)
+        weighted[opcode.split(".")[0]] += w
+        shared += w * _shared_bytes(opcode)
+        if re.match(r"(HMMA|HGMMA|IMMA)", opcode):
+            hmma += w
+    return dict(instructions=sum(weighted.values()), opcodes=weighted, shared_bytes=shared, mma=hmma,
+                loops=[dict(name=n, trips=t, depth=d, sass=[hex(a), hex(b)]) for (a, b), (n, t, d) in pairs]
+                + [dict(name=n, trips=t, depth=d, sass="unrolled") for n, t, d in expected
+                   if all(e != (n, t, d) for _, e in pairs)])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the kernels as the triton backend launches them at a stage shape
+
+def _geometry(n: int, side: int) -> dict:
+    """Integer arguments of a contiguous stride-1 call: v, grad (N, C, H, W), logits (N, K*K, H, W), ghost."""
+    c, hw, kk = CHANNELS, side * side, KERNEL_SIZE ** 2
+    nchw = dict(n=c * hw, c=hw, h=side, w=1)
+    logits = dict(n=kk * hw, k=hw, h=side, w=1)
+    ghost = dict(n=c * kk, c=kk, i=KERNEL_SIZE, j=1)
+    return dict(C=c, H=side, W=side, Ho=side, Wo=side, nchw=nchw, logits=logits, ghost=ghost)
+
+
+def _ints(fn, g: dict, prefixes: dict) -> dict:
+    """Every integer argument of ``fn``: sizes from g, strides ``s<x>_<dim>`` from the layout of tensor x."""
+    out = {}
+    for name in fn.arg_names:
+        if name in g:
+            out[name] = g[name]
+        elif re.fullmatch(r"s[a-z]+_[a-z]", name):
+            tensor, dim = name[1:].split("_")
+            out[name] = g[prefixes[tensor]][dim]
+    return out
+
+
+def kernel_cases(path: str, n: int, side: int) -> list[dict]:
+    """The launches of one forward + backward of the fused-softmax op with the additive ghost."""
+    K, KK, g = KERNEL_SIZE, KERNEL_SIZE ** 2, _geometry(n, side)
+    C, hw = CHANNELS, side * side
+    el = 2  # bf16 bytes
+    if path == "tensor-core":
+        geom = dict(K=K, DIL=1, SOFTMAX=True, UPCAST_DOT=False)
+        # contiguous tensors: the vector width is set by W (band.vector_width)
+        layout = dict(W=side, ss_n=C * hw, ss_c=hw, ss_h=side, ss_w=1, src_ptr=_ALIGNED_PTR, K=K, DIL=1)
+        vec = lambda w: band.window_vector(dict(layout, TILE_W=w))  # noqa: E731
+        band_fn, attn_fn = kernels_tc.elsa_band_kernel, kernels_tc.elsa_band_bwd_attn_kernel
+
+        def band_tiles(tiles, **flags):
+            return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1, vec(w)), KP=band.slots(K),
+                          EVEN_C=C % c == 0, VEC=vec(w), **flags), (warps, stages),
+                     n * math.ceil(C / c) * math.ceil(side / h) * math.ceil(side / w))
+                    for c, h, w, warps, stages in tiles]
+
+        def attn_tiles(tiles):
+            return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1, vec(w)), KP=band.slots(K),
+                          ALL_C=C <= c, VEC=vec(w), G_VEC=band.vector_width(layout)), (warps, stages),
+                     n * math.ceil(side / h) * math.ceil(side / w)) for c, h, w, warps, stages in tiles]
+
+        channel_trips = lambda cfg: math.ceil(C / cfg["BLOCK_C"])  # noqa: E731
+        return [
+            dict(kernel="forward", fn=band_fn, flags=dict(geom, HAS_ADD=True, TRANSPOSED=False),
+                 tiles=band_tiles(band.BAND_TILES), prefixes=dict(s="nchw", a="logits", d="ghost"),
+                 loops=lambda cfg: [("softmax stats", KK), ("neighbour rows", K)],
+                 dram=(n * C * hw * 2 + n * KK * hw) * el),
+            dict(kernel="grad_logits+ghost", fn=attn_fn,
+                 flags=dict(geom, WRITE_LSE=True, NEED_ATTN=True, NEED_ADD=True),
+                 tiles=attn_tiles(band.BAND_BWD_TILES), prefixes=dict(g="nchw", v="nchw", a="logits"),
+                 loops=lambda cfg: [("softmax stats", KK),
+                                    ("neighbour rows", K, [("channel blocks", channel_trips(cfg))]),
+                                    ],  # the softmax backward (KK logits per pixel) is unrolled
+                 dram=(n * C * hw * 2 + n * KK * hw * 2) * el + n * KK * hw * 8 + n * hw * 4),
+            dict(kernel="grad_v", fn=band_fn, flags=dict(geom, HAS_ADD=True, TRANSPOSED=True),
+                 tiles=band_tiles(band.BAND_TILES), prefixes=dict(s="nchw", a="logits", d="ghost"),
+                 loops=lambda cfg: [("neighbour rows", K)],
+                 dram=(n * C * hw * 2 + n * KK * hw) * el + n * hw * 4),
+        ]
+    geom = dict(K=K, DIL=1, STRIDE=1, SOFTMAX=True)
+
+    def cc_tiles(tiles, all_c=False):
+        return [(dict(BLOCK_C=c, BLOCK_P=p, EVEN_C=C % c == 0, **(dict(ALL_C=C <= c) if all_c else {})), (warps, 3),
+                 n * (1 if all_c else math.ceil(C / c)) * math.ceil(hw / p)) for c, p, warps in tiles if c <= C]
+
     return [
-        ("forward", kernels.elsa_fwd_kernel, gather, op.GATHER_TILES, False),
-        ("grad_attn+ghosts", kernels.elsa_bwd_attn_kernel,
-         dict(geometry, HAS_MUL=has_mul, WRITE_LSE=True, NEED_ATTN=True, NEED_MUL=has_mul, NEED_ADD=has_add),
-         op.REDUCE_TILES, True),
-        ("grad_v", kernels.elsa_bwd_v_kernel, gather, op.GATHER_TILES, False),
+        dict(kernel="forward", fn=kernels.elsa_fwd_kernel, flags=dict(geom, HAS_MUL=False, HAS_ADD=True),
+             tiles=cc_tiles(op.GATHER_TILES), prefixes=dict(v="nchw", a="logits", m="ghost", d="ghost"),
+             loops=lambda cfg: [("softmax stats", KK), ("neighbour rows", K, [("neighbour columns", K)])],
+             dram=(n * C * hw * 2 + n * KK * hw) * el),
+        dict(kernel="grad_logits+ghost", fn=kernels.elsa_bwd_attn_kernel,
+             flags=dict(geom, HAS_MUL=False, WRITE_LSE=True, NEED_ATTN=True, NEED_MUL=False, NEED_ADD=True),
+             tiles=cc_tiles(op.REDUCE_TILES, all_c=True),
+             prefixes=dict(g="nchw", v="nchw", a="logits", m="ghost"),
+             loops=lambda cfg: [("softmax stats", KK),
+                                ("neighbour rows", K, [("neighbour columns", K,
+                                                        [("channel blocks", math.ceil(C / cfg["BLOCK_C"]))])]),
+                                ("softmax backward", KK)],
+             # ga float32 written, read back and re-written, then cast to bf16 by torch
+             dram=(n * C * hw * 2 + n * KK * hw) * el + n * KK * hw * (4 * 4 + 2) + n * hw * 4),
+        dict(kernel="grad_v", fn=kernels.elsa_bwd_v_kernel, flags=dict(geom, HAS_MUL=False, HAS_ADD=True),
+             tiles=cc_tiles(op.GATHER_TILES), prefixes=dict(g="nchw", a="logits", m="ghost", d="ghost"),
+             loops=lambda cfg: [("neighbour rows", K, [("neighbour columns", K)])],
+             dram=(n * C * hw * 2 + n * KK * hw) * el + n * hw * 4),
     ]
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn, flags: tuple, ints: tuple, dtype: str, warps: int, stages: int, arch: int) -> tuple[dict, str]:
+    compiled = compile_launch_like(fn, dict(flags), dict(ints), dtype, warps, arch, stages)
+    cubin = compiled.asm["cubin"]
+    usage = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED):(\d+)", _cuobjdump(cubin, "--dump-resource-usage"))}
+    usage["dynamic_shared"] = int(compiled.metadata.shared)
+    return usage, _cuobjdump(cubin, "-sass")
+
+
+def analyse(case: dict, cfg: dict, launch: tuple[int, int], programs: int, n: int, side: int, dtype: str,
+            arch: int) -> dict:
+    warps, stages = launch
+    g = _geometry(n, side)
+    flags = dict(case["flags"], **cfg)
+    ints = _ints(case["fn"], g, case["prefixes"])
+    usage, sass = _compiled(case["fn"], tuple(sorted(flags.items())), tuple(sorted(ints.items())), dtype, warps,
+                            stages, arch)
+    count = whole_kernel(sass, case["loops"](cfg))
+    element_neighbours = n * CHANNELS * side * side * KERNEL_SIZE ** 2
+    warp_instr = count["instructions"] * warps * programs
+    tile = {k: v for k, v in cfg.items() if k.startswith(("BLOCK_", "TILE_"))}
+    row = dict(kernel=case["kernel"], tile=tile, num_warps=warps, num_stages=stages, programs=programs,
+               registers=usage["REG"], spill_bytes=usage["STACK"],
+               shared_bytes=usage["SHARED"] + usage["dynamic_shared"],
+               sass_per_program_warp=int(count["instructions"]), mma_per_program_warp=int(count["mma"]),
+               instructions_per_element_neighbour=round(warp_instr * 32 / element_neighbours, 2),
+               loops=count["loops"],
+               top_opcodes=dict(count["opcodes"].most_common(10)))
+    bounds = {}
+    for gpu, (sms, ghz, gbs) in GPUS.items():
+        clk = sms * ghz * 1e6  # clocks per ms over all SMs
+        t = dict(issue=warp_instr / ISSUE_PER_CLK / clk,
+                 shared=count["shared_bytes"] * warps * programs / SHARED_B_PER_CLK / clk,
+                 tensor=count["mma"] * warps * programs * 4096 / MMA_FLOP_PER_CLK / clk,
+                 dram=case["dram"] / (gbs * 1e6))
+        limit = max(t, key=t.get)
+        bounds[gpu] = dict(ms={k: round(v, 4) for k, v in t.items()}, bound=limit, bound_ms=round(t[limit], 4))
+    row["bounds"] = bounds
+    return row
+
+
+def best_rows(path: str, n: int, side: int, dtype: str, arch: int) -> list[dict]:
+    """For each kernel of ``path``: every candidate tile, and the spill-free one of fewest instructions."""
+    out = []
+    for case in kernel_cases(path, n, side):
+        rows = [analyse(case, cfg, launch, programs, n, side, dtype, arch) for cfg, launch, programs in case["tiles"]]
+        ok = [r for r in rows if r["spill_bytes"] == 0] or rows
+        best = min(ok, key=lambda r: r["instructions_per_element_neighbour"])
+        keys = ("tile", "num_warps", "num_stages", "registers", "spill_bytes", "instructions_per_element_neighbour")
+        out.append(dict(best, candidates=[{k: r[k] for k in keys} for r in rows]))
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--json", default=None, help="default benchmarks/results/kernel_sass_sm<arch>.json")
     args = parser.parse_args(argv)
 
-    rows = []
-    for variant, has_mul, has_add in VARIANTS:
-        for name, fn, constexprs, tiles, channel_loop in kernel_cases(has_mul, has_add):
-            for tile in tiles:
-                if tile[0] > CHANNELS:  # pruned at this channel count (op._prune_channel_blocks)
-                    continue
-                flags = dict(constexprs, EVEN_C=CHANNELS % tile[0] == 0)
-                if channel_loop:
-                    flags["ALL_C"] = CHANNELS <= tile[0]
-                row = dict(variant=variant, **analyse(name, fn, flags, tile, args.dtype, args.arch, channel_loop))
-                rows.append(row)
-                print(f"{variant:15s} {name:17s} C{tile[0]:<3d} P{tile[1]:<4d} w{tile[2]}  "
-                      f"regs {row['registers']:3d}  spill {row['spill_bytes']:4d} B  "
-                      f"{row['instructions_per_element_neighbour']:5.1f} instr/element/neighbour", flush=True)
+    results, totals = [], {}
+    for path in ("cuda-core", "tensor-core"):
+        for stage, side, heads in STAGES:
+            n = BATCH * heads
+            rows = best_rows(path, n, side, args.dtype, args.arch)
+            total = round(sum(r["instructions_per_element_neighbour"] for r in rows), 2)
+            totals[(path, stage)] = total
+            for r in rows:
+                b = r["bounds"]
+                print(f"{path:11s} {stage} {r['kernel']:18s} {r['tile']} w{r['num_warps']} s{r['num_stages']}  "
+                      f"regs {r['registers']:3d} "
+                      f"spill {r['spill_bytes']:4d} B  smem {r['shared_bytes']:6d} B  "
+                      f"{r['instructions_per_element_neighbour']:5.2f} SASS/el-nb  "
+                      f"mma/prog-warp {r['mma_per_program_warp']:5d}  "
+                      f"H100 {b['H100']['bound']} {b['H100']['bound_ms']:.3f} ms  H200 {b['H200']['bound']} "
+                      f"{b['H200']['bound_ms']:.3f} ms", flush=True)
+            ms = {gpu: round(sum(r["bounds"][gpu]["bound_ms"] for r in rows), 4) for gpu in GPUS}
+            print(f"{path:11s} {stage} forward+backward: {total} SASS/el-nb, bound {ms['H100']} ms (H100), "
+                  f"{ms['H200']} ms (H200)", flush=True)
+            results.append(dict(path=path, stage=stage, N=n, C=CHANNELS, H=side, W=side, kernels=rows,
+                                instructions_per_element_neighbour=total, bound_ms=ms))
 
     result = dict(
         benchmark="kernel_sass", date=datetime.date.today().isoformat(), target=f"sm_{args.arch}",
-        dtype=args.dtype, kernel_size=KERNEL_SIZE, channels_per_head=CHANNELS, triton=triton.__version__,
-        note="static: compiled and disassembled without a GPU; predicts issue cost, measures no time",
-        rows=rows,
+        dtype=args.dtype, kernel_size=KERNEL_SIZE, channels_per_head=CHANNELS, batch=BATCH, triton=triton.__version__,
+        gpus={k: dict(sms=v[0], clock_ghz=v[1], copy_gbs=round(v[2])) for k, v in GPUS.items()},
+        note=("static: compiled launch-like and disassembled without a GPU; whole kernels, loops weighted by trip "
+              "count; predicts issue cost and lower bounds, measures no time"),
+        results=results,
     )
     out = Path(args.json) if args.json else Path(__file__).parent / "results" / f"kernel_sass_sm{args.arch}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -156,6 +377,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
+    print(f"kernel_sass: stage-1 {args.dtype} fused-softmax forward+backward, whole kernels: "
+          f"{totals[('tensor-core', 'stage1')]} SASS instructions per element-neighbour")
     return result
 
 

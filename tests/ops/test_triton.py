@@ -228,6 +228,20 @@ for even_c, all_c in ((False, False), (True, True)):
                 dict(geom, HAS_MUL=True, SOFTMAX=True, WRITE_LSE=True, NEED_ATTN=True, NEED_MUL=True,
                      NEED_ADD=True, ALL_C=all_c, EVEN_C=even_c))
     compile_for(kernels.elsa_bwd_v_kernel, dict(geom, HAS_MUL=True, HAS_ADD=True, SOFTMAX=True, EVEN_C=even_c))
+
+from elsa.ops.triton import band, kernels_tc
+
+def tile(c, th, tw, vec):
+    return dict(K=5, DIL=2, BLOCK_C=c, TILE_H=th, TILE_W=tw, SPAN=band.span(tw, 5, 2, vec), KP=8, UPCAST_DOT=False)
+
+for c, th, tw, warps, _ in band.BAND_TILES:
+    for vec, transposed in ((8, False), (4, True), (1, False)):
+        compile_for(kernels_tc.elsa_band_kernel, dict(tile(c, th, tw, vec), HAS_ADD=True, SOFTMAX=True,
+                    TRANSPOSED=transposed, EVEN_C=vec == 8, VEC=vec), dtype="fp16", num_warps=warps)
+for c, th, tw, warps, _ in band.BAND_BWD_TILES:
+    for vec in (8, 4, 1):
+        compile_for(kernels_tc.elsa_band_bwd_attn_kernel, dict(tile(c, th, tw, vec), SOFTMAX=True, WRITE_LSE=True,
+                    NEED_ATTN=True, NEED_ADD=True, ALL_C=False, VEC=vec, G_VEC=8 // vec), num_warps=warps)
 print("compiled")
 """
 
@@ -247,3 +261,122 @@ def test_kernels_compile_for_h100():
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
         pytest.skip("no ptxas for the CUDA backend")
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tensor-core (row-band) kernels, kernels_tc.py: stride 1, no multiplicative ghost, float16/bfloat16, C >= 16.
+# The interpreter runs them at the tile a GPU uses (band.BAND_TILES[0]: 32 channels, 16 x 16 pixels), so these
+# cases have realistic channel counts and several pixel tiles. Under the interpreter the kernels upcast their
+# (already rounded) tl.dot operands to float32 (``UPCAST_DOT``): its bfloat16 tl.dot multiplies raw bits.
+
+from elsa.ops.triton import band  # noqa: E402
+
+BAND_CASES = [
+    # N, C, H, W, K, dilation, ghost_add
+    pytest.param(1, 32, 20, 19, 7, 1, True, id="c32-k7-2x2tiles-add"),
+    pytest.param(2, 16, 9, 18, 3, 2, False, id="c16-k3-r2-none"),
+    pytest.param(1, 48, 17, 12, 5, 1, True, id="c48-k5-partial-channel-block-add"),
+    pytest.param(1, 64, 16, 33, 7, 1, True, id="c64-k7-3tiles-add"),
+    pytest.param(1, 16, 10, 12, 13, 1, True, id="c16-k13-add"),
+    # W % 8 == 0 and 16-byte strides: vectors of 8 columns (window masks per 8-column chunk, 16-byte loads),
+    # then of 4
+    pytest.param(2, 32, 13, 40, 7, 1, True, id="c32-k7-vec8-3tiles-add"),
+    pytest.param(1, 16, 9, 28, 5, 2, True, id="c16-k5-r2-vec4-add"),
+]
+
+
+@pytest.fixture
+def band_calls(monkeypatch):
+    """Counts the launches of the tensor-core kernels: the tests below must run them, not the fallback."""
+    calls = []
+    real_agg, real_bwd = band.band_aggregate, band.backward
+
+    def agg(*args, **kwargs):
+        calls.append("aggregate")
+        return real_agg(*args, **kwargs)
+
+    def bwd(*args, **kwargs):
+        calls.append("backward")
+        return real_bwd(*args, **kwargs)
+
+    monkeypatch.setattr(band, "band_aggregate", agg)
+    monkeypatch.setattr(band, "backward", bwd)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("softmax", [False, True], ids=["plain", "softmax"])
+@pytest.mark.parametrize("n,c,h,w,k,dilation,add", BAND_CASES)
+def test_band_matches_reference(n, c, h, w, k, dilation, add, softmax, dtype, band_calls):
+    inputs = _inputs(n, c, h, w, k, 1, False, add, dtype=dtype, logit_scale=3.0 if softmax else 0.5)
+    assert band.applies(inputs[0], None, 1)
+    strides = {f"ss_{d}": st for d, st in zip("nchw", inputs[0].stride())}
+    vec = band.vector_width(dict(W=w, src_ptr=inputs[0], **strides))
+    assert vec == (8 if w % 8 == 0 else 4 if w % 4 == 0 else 2 if w % 2 == 0 else 1)
+    _compare(inputs, k, dilation, 1, softmax=softmax)
+    assert band_calls[:2] == ["aggregate", "backward"]
+
+
+@pytest.mark.parametrize("tile", sorted(set(band.BAND_TILES) | set(band.BAND_BWD_TILES)),
+                         ids=lambda t: "c{}-{}x{}-w{}-s{}".format(*t))
+def test_band_every_tile(tile, band_calls, monkeypatch):
+    """Each tile the autotuner may choose on a GPU (the interpreter otherwise runs only the first), with two
+    channel blocks where the tile's block is 32 wide and a partial one where it is 64."""
+    fixed = []  # per launch: whether it ran the fixed tile (it does for the kernels that list it)
+    real_launch = band._launch
+    monkeypatch.setattr(band, "_launch", lambda kernel, tiles, *args, **kwargs: (
+        fixed.append(tile in tiles), real_launch(kernel, tiles, *args, **kwargs)))
+    inputs = _inputs(1, 48, 17, 20, 7, 1, False, True, dtype=torch.bfloat16, logit_scale=3.0)
+    with band.fixed_tile(tile):
+        _compare(inputs, 7, 1, 1, softmax=True)
+    assert band_calls[:2] == ["aggregate", "backward"]
+    assert len(fixed) == 3 and any(fixed)  # forward, logit gradient, v gradient
+
+
+@pytest.mark.parametrize("requires", [(True, False, False, False), (False, True, False, False),
+                                      (False, False, False, True)], ids=["v", "attn", "add"])
+def test_band_partial_gradients(requires, band_calls):
+    # Each subset takes its own path; with the softmax, v alone still needs the log-sum-exp pass.
+    inputs = _inputs(1, 32, 18, 17, 5, 1, False, True, dtype=torch.bfloat16, logit_scale=3.0)
+    _compare(inputs, 5, 1, 1, softmax=True, requires=requires)
+    assert "backward" in band_calls
+
+
+def test_band_non_contiguous(band_calls):
+    """Channels-last head views (as a 1x1 conv on a channels-last input produces them) and expanded ghosts."""
+    n, c, h, w, k = 2, 16, 17, 18, 5
+    gen = torch.Generator().manual_seed(4)
+    qkv = torch.randn(n, h, w, 3 * c, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
+    v = qkv.permute(0, 3, 1, 2)[:, 2 * c:]
+    logits = (torch.randn(n, w, h, k * k, generator=gen) * 3).to(DEVICE, torch.bfloat16).requires_grad_()
+    attn = logits.permute(0, 3, 2, 1)
+    p_add = torch.randn(1, c, k, k, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
+    results = []
+    for backend, cast in (("triton", lambda t: t), ("reference", lambda t: t.float())):
+        out = elsa_softmax_aggregate(cast(v), cast(attn), None, cast(p_add).expand(n, -1, -1, -1), kernel_size=k,
+                                     backend=backend)
+        grads = torch.autograd.grad((out * 0.5).sum() + out[:, :, 1:, :3].sum(), [qkv, logits, p_add])
+        results.append((out, *grads))
+    assert band_calls[:2] == ["aggregate", "backward"]
+    for name, a, b in zip(("out", "qkv", "logits", "ghost_add"), *results):
+        # ghost_add's gradient sums ~600 pixel terms per sample, and each sample's sum is rounded to bfloat16
+        # before the expand's backward adds them: an error of the scale of the sums, not of each element.
+        atol = 1e-2 * b.abs().max().item() if name == "ghost_add" else 2e-2
+        torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=2e-2, msg=lambda m: f"{name}: {m}")
+
+
+def test_band_float32_stays_on_cuda_cores(band_calls):
+    """float32 runs the CUDA-core kernels (tl.dot would round to TF32) and meets the float32 tolerance."""
+    inputs = _inputs(1, 32, 9, 11, 3, 1, False, True)
+    assert not band.applies(inputs[0], None, 1)
+    _compare(inputs, 3, 1, 1, softmax=True)
+    assert band_calls == []
+
+
+@pytest.mark.parametrize("mul", [True, False], ids=["cuda-core", "tensor-core"])
+@pytest.mark.parametrize("logit_scale", [2.0, 4.0], ids=lambda s: f"std{s:g}")
+def test_bfloat16_logit_gradient_precision(mul, logit_scale):
+    """The logits gradient p * (dp - sum p dp) with logits of realistic spread (std 2-4) in bfloat16: dp must
+    stay float32 until the softmax backward (rounded to bfloat16 it exceeded the tolerance)."""
+    inputs = _inputs(1, 32, 9, 11, 3, 1, mul, True, dtype=torch.bfloat16, seed=5, logit_scale=logit_scale)
+    _compare(inputs, 3, 1, 1, softmax=True, requires=(False, True, False, False))

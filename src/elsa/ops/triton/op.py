@@ -1,6 +1,8 @@
 """Launchers and custom-op registration for the Triton ELSA kernels (``kernels.py``).
 
-Three kernels make the operator (spec section 1):
+float16/bfloat16 calls at stride 1 with 16 or more channels and no multiplicative ghost (ELSA-Swin's) go to the tensor-core
+kernels instead (``band.py``, ``kernels_tc.py``): ``_forward`` and ``_backward`` hand them over first thing.
+Everything else runs the three CUDA-core kernels that make the operator (spec section 1):
 
 - ``elsa_fwd_kernel``: one program per (tile of output pixels, n, block of channels); the K*K loop runs
   inside the program, so the attention of the tile is read once per channel block (once in total when
@@ -35,7 +37,7 @@ from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
 from .._custom_op import fake_forward, fake_gradients, make_backward, setup_context
-from . import kernels
+from . import band, kernels
 
 __all__ = ["aggregate", "softmax_aggregate", "triton_aggregate", "triton_softmax_aggregate",
            "triton_aggregate_backward"]
@@ -109,6 +111,9 @@ def _geometry(v: Tensor, attn: Tensor) -> tuple[int, int, int, int, int, int]:
 
 def _forward(v: Tensor, attn: Tensor, ghost_mul: Optional[Tensor], ghost_add: Optional[Tensor],
              kernel_size: int, dilation: int, stride: int, softmax: bool) -> Tensor:
+    if band.applies(v, ghost_mul, stride):  # tensor-core kernels (kernels_tc.py)
+        with _on_device(v):
+            return band.band_aggregate(v, attn, ghost_add, None, kernel_size, dilation, softmax, transposed=False)
     n, c, h, w, ho, wo = _geometry(v, attn)
     out = v.new_empty((n, c, ho, wo))
     grid = lambda meta: (triton.cdiv(ho * wo, meta["BLOCK_P"]) * n * triton.cdiv(c, meta["BLOCK_C"]),)  # noqa: E731
@@ -127,6 +132,11 @@ def _backward(grad: Tensor, v: Tensor, attn: Tensor, ghost_mul: Optional[Tensor]
               kernel_size: int, dilation: int, stride: int, softmax: bool,
               need_v: bool, need_attn: bool, need_mul: bool, need_add: bool
               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if band.applies(v, ghost_mul, stride):  # tensor-core kernels (kernels_tc.py)
+        with _on_device(v):
+            gv, ga, gd = band.backward(grad, v, attn, ghost_add, kernel_size, dilation, softmax,
+                                       need_v, need_attn, need_add)
+        return gv, ga, v.new_empty(0), gd
     n, c, h, w, ho, wo = _geometry(v, attn)
     kk = kernel_size * kernel_size
     need_mul = need_mul and ghost_mul is not None
@@ -137,7 +147,10 @@ def _backward(grad: Tensor, v: Tensor, attn: Tensor, ghost_mul: Optional[Tensor]
     m = ghost_mul if ghost_mul is not None else v
     d = ghost_add if ghost_add is not None else v
 
-    ga = attn.new_empty((n, kk, ho, wo)) if need_attn else empty()
+    # With the softmax, ga first holds dp = sum_c g * v_k: kept in float32 until the softmax backward has used
+    # it (rounded to bfloat16 it costs more than the bfloat16 tolerance at logits of realistic spread).
+    ga = torch.empty((n, kk, ho, wo), device=v.device, dtype=torch.float32 if softmax else attn.dtype) \
+        if need_attn else empty()
     # Ghost gradients are sums over every pixel of the batch element: accumulated in float32.
     gm = torch.zeros((n, c, kk), device=v.device, dtype=torch.float32) if need_mul else None
     gd = torch.zeros((n, c, kk), device=v.device, dtype=torch.float32) if need_add else None
@@ -170,6 +183,7 @@ def _backward(grad: Tensor, v: Tensor, attn: Tensor, ghost_mul: Optional[Tensor]
                 HAS_MUL=ghost_mul is not None, HAS_ADD=ghost_add is not None,
                 **geometry,
             )
+    ga = ga.to(attn.dtype)
     gm = gm.reshape(n, c, kernel_size, kernel_size).to(v.dtype) if need_mul else empty()
     gd = gd.reshape(n, c, kernel_size, kernel_size).to(v.dtype) if need_add else empty()
     return gv, ga, gm, gd
