@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 SUBCOMMANDS = [
     "elsa.cli.models",
     "elsa.cli.convert",
+    "elsa.cli.export",
     "elsa.cli.train",
     "elsa.cli.validate",
     "elsa.cli.predict",

@@ -1,0 +1,87 @@
+"""Export a model for deployment: ONNX (either exporter) or a torch.export program (.pt2), checked after writing.
+
+ONNX has no ELSA custom op: while an ONNX exporter traces, ``elsa.ops`` writes the operator in standard ops
+(``elsa.ops.decomposed``), so the file runs in any ONNX runtime. A .pt2 program keeps the ``elsa::*`` custom ops
+(the fast kernels); loading it needs ``import elsa`` first. The batch axis is dynamic in both. Every export is
+checked: the written file is loaded and run at another batch size than the traced one, against eager PyTorch.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import torch
+import torch.nn as nn
+
+FORMATS = ("onnx", "pt2")
+EXPORTERS = ("dynamo", "torchscript")
+
+
+@dataclass
+class ExportReport:
+    path: str
+    format: str
+    exporter: str
+    seconds: float
+    max_abs_diff: float  # written file vs eager, at a batch size other than the traced one
+
+
+def _check_batch(batch: int) -> int:
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    return batch
+
+
+def export_model(model: nn.Module, path: Union[str, os.PathLike], fmt: str = "onnx", img_size: int = 224,
+                 in_chans: int = 3, batch: int = 2, exporter: str = "dynamo") -> ExportReport:
+    """Write ``model`` (eval mode, CPU) to ``path`` as ``fmt`` with a dynamic batch axis, then check the file."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if img_size < 1:
+        raise ValueError(f"img_size must be >= 1, got {img_size}")
+    model = model.eval().cpu()
+    x = torch.randn(_check_batch(batch), in_chans, img_size, img_size)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=path.suffix or f".{fmt}", dir=path.parent)  # written whole, then renamed
+    os.close(fd)
+    try:
+        start = time.perf_counter()
+        with torch.no_grad():
+            if fmt == "pt2":
+                program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+                torch.export.save(program, tmp)
+            elif exporter == "dynamo":
+                torch.onnx.export(model, (x,), tmp, dynamo=True, input_names=["x"], output_names=["y"],
+                                  dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, external_data=False)
+            else:
+                torch.onnx.export(model, (x,), tmp, dynamo=False, input_names=["x"], output_names=["y"],
+                                  dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+        seconds = time.perf_counter() - start
+        diff = _check(tmp, fmt, model, torch.randn(batch + 1, in_chans, img_size, img_size))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return ExportReport(str(path), fmt, "torch.export" if fmt == "pt2" else exporter, round(seconds, 1), diff)
+
+
+def _check(file: str, fmt: str, model: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        expected = model(x)
+        if fmt == "pt2":
+            got = torch.export.load(file).module()(x)
+        else:
+            try:
+                import onnxruntime
+            except ImportError as err:
+                raise ImportError("checking an ONNX export needs onnxruntime: pip install 'elsa[export]'") from err
+            session = onnxruntime.InferenceSession(file, providers=["CPUExecutionProvider"])
+            got = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    return float((got - expected).abs().max())
