@@ -238,7 +238,98 @@ void forward(const Geo& g, const T* v, const T* attn, const typename Io<T>::acc*
     }
 }
 
-// Pass 1 of the backward: probabilities, attention gradient, ghost-gradient partial sums.
+// Pass 1, register-blocked for 32 channels: one output row and head at a time, neighbour k outermost, so that
+// the ghost-gradient accumulators of k stay in registers across the row (read and written once per row, not once
+// per pixel) and each pixel's output gradient is loaded once per row into a row buffer.
+template <typename T, bool MUL>
+void backward_attn_rows(const Geo& g, const T* gout, const T* v, const T* attn, const float* mul, float* probs,
+                        T* gattn, float* gmul_part, float* gadd_part, int nthreads) {
+    const int64_t KK = g.K * g.K, KK8 = (KK + 7) / 8 * 8, half = g.K / 2, Wo = g.Wo;
+    const int64_t R = g.rows_per_block, nblocks = (g.Ho + R - 1) / R;
+#pragma omp parallel num_threads(nthreads)
+    {
+        std::vector<float> P(Wo * KK8), DP(Wo * KK);
+        std::vector<v8f> GO(Wo * 4);
+#pragma omp for schedule(static)
+        for (int64_t unit = 0; unit < g.B * nblocks; ++unit) {
+            const int64_t b = unit / nblocks, blk = unit % nblocks;
+            float* gm = g.need_mul ? gmul_part + unit * g.G * KK * 32 : nullptr;
+            float* gd = g.need_add ? gadd_part + unit * g.G * KK * 32 : nullptr;
+            if (gm) std::fill(gm, gm + g.G * KK * 32, 0.0f);
+            if (gd) std::fill(gd, gd + g.G * KK * 32, 0.0f);
+            for (int64_t y = blk * R; y < std::min(g.Ho, (blk + 1) * R); ++y) {
+                const int64_t ys = y * g.stride;
+                for (int64_t h = 0; h < g.G; ++h) {
+                    for (int64_t x = 0; x < Wo; ++x) {
+                        const int64_t pix = ((b * g.Ho + y) * Wo + x) * g.G + h;
+                        load_probs(attn + b * g.sab + h * g.sag + y * g.sah + x * g.saw, KK, g.softmax != 0,
+                                   &P[x * KK8]);
+                        if (g.need_v) std::copy(&P[x * KK8], &P[x * KK8] + KK, probs + pix * KK);
+                        for (int q = 0; q < 4; ++q) GO[x * 4 + q] = vload(gout + pix * 32 + 8 * q);
+                    }
+                    if (!(g.need_attn || gm || gd)) continue;  // only the probabilities were needed
+                    std::fill(DP.begin(), DP.end(), 0.0f);
+                    const int64_t gofs = (g.ghost_batch ? b * g.G + h : h) * KK * 32;
+                    const float* m = MUL ? mul + gofs : nullptr;
+                    float* gmh = gm ? gm + h * KK * 32 : nullptr;
+                    float* gdh = gd ? gd + h * KK * 32 : nullptr;
+                    const T* vbase = v + b * g.svb + h * g.svg;
+                    for (int64_t i = 0; i < g.K; ++i) {
+                        const int64_t yy = ys + (i - half) * g.dil;
+                        if (yy < 0 || yy >= g.H) continue;
+                        const T* vrow = vbase + yy * g.svh;
+                        for (int64_t j = 0; j < g.K; ++j) {
+                            const int64_t k = i * g.K + j, dx = (j - half) * g.dil;
+                            int64_t xlo = 0, xhi = Wo;  // output columns whose neighbour column is inside the map
+                            while (xlo < Wo && xlo * g.stride + dx < 0) ++xlo;
+                            while (xhi > xlo && (xhi - 1) * g.stride + dx >= g.W) --xhi;
+                            v8f mk[4], am[4] = {}, ad[4] = {};
+                            if (MUL)
+                                for (int q = 0; q < 4; ++q) mk[q] = vload(m + k * 32 + 8 * q);
+                            for (int64_t x = xlo; x < xhi; ++x) {
+                                const T* pv = vrow + (x * g.stride + dx) * g.svw;
+                                v8f t[4], s = {};
+                                for (int q = 0; q < 4; ++q) {
+                                    t[q] = GO[x * 4 + q] * vload(pv + 8 * q);
+                                    s += MUL ? t[q] * mk[q] : t[q];
+                                }
+                                DP[x * KK + k] = hsum(s);
+                                if (gmh) {
+                                    const v8f pk = v8f{} + P[x * KK8 + k];
+                                    for (int q = 0; q < 4; ++q) am[q] += t[q] * pk;
+                                }
+                                if (gdh)
+                                    for (int q = 0; q < 4; ++q) ad[q] += t[q];
+                            }
+                            if (gmh)
+                                for (int q = 0; q < 4; ++q)
+                                    vstore(gmh + k * 32 + 8 * q, vload(gmh + k * 32 + 8 * q) + am[q]);
+                            if (gdh)
+                                for (int q = 0; q < 4; ++q)
+                                    vstore(gdh + k * 32 + 8 * q, vload(gdh + k * 32 + 8 * q) + ad[q]);
+                        }
+                    }
+                    if (!g.need_attn) continue;
+                    for (int64_t x = 0; x < Wo; ++x) {
+                        const float* px = &P[x * KK8];
+                        const float* dpx = &DP[x * KK];
+                        T* pa = gattn + (((b * g.Ho + y) * Wo + x) * g.G + h) * KK;
+                        if (g.softmax) {
+                            float dot = 0;
+                            for (int64_t k = 0; k < KK; ++k) dot += px[k] * dpx[k];
+                            for (int64_t k = 0; k < KK; ++k) Io<T>::store(pa + k, px[k] * (dpx[k] - dot));
+                        } else {
+                            for (int64_t k = 0; k < KK; ++k) Io<T>::store(pa + k, dpx[k]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+// Pass 1 of the backward: probabilities, attention gradient, ghost-gradient partial sums (any C and dtype; the
+// 32-channel float32/bfloat16 case runs backward_attn_rows).
 template <typename T, int CT, bool MUL, bool ADD>
 void backward_attn(const Geo& g, const T* gout, const T* v, const T* attn, const typename Io<T>::acc* mul,
                    typename Io<T>::acc* probs, T* gattn, typename Io<T>::acc* gmul_part,
@@ -281,32 +372,6 @@ void backward_attn(const Geo& g, const T* gout, const T* v, const T* attn, const
                         A* gdh = gd ? gd + h * KK * C : nullptr;
                         std::fill(dp.begin(), dp.end(), A(0));
                         const T* vbase = v + b * g.svb + h * g.svg;
-                        if constexpr (kFast<T, CT>) {
-                            v8f gq[4];
-                            for (int q = 0; q < 4; ++q) gq[q] = vload(pg + 8 * q);
-                            for (int64_t i = ilo; i < ihi; ++i) {
-                                const T* vrow = vbase + (ys + (i - half) * g.dil) * g.svh;
-                                for (int64_t j = jlo; j < jhi; ++j) {
-                                    const int64_t k = i * g.K + j;
-                                    const T* pv = vrow + (xs + (j - half) * g.dil) * g.svw;
-                                    v8f t[4], s = {};
-                                    for (int q = 0; q < 4; ++q) {
-                                        t[q] = gq[q] * vload(pv + 8 * q);
-                                        s += MUL ? t[q] * vload(m + k * 32 + 8 * q) : t[q];
-                                    }
-                                    dp[k] = hsum(s);
-                                    if (gmh) {
-                                        const v8f pk = v8f{} + p[k];
-                                        for (int q = 0; q < 4; ++q)
-                                            vstore(gmh + k * 32 + 8 * q, vload(gmh + k * 32 + 8 * q) + t[q] * pk);
-                                    }
-                                    if (gdh) {
-                                        for (int q = 0; q < 4; ++q)
-                                            vstore(gdh + k * 32 + 8 * q, vload(gdh + k * 32 + 8 * q) + t[q]);
-                                    }
-                                }
-                            }
-                        } else {
                         for (int64_t i = ilo; i < ihi; ++i) {
                             const T* vrow = vbase + (ys + (i - half) * g.dil) * g.svh;
                             for (int64_t j = jlo; j < jhi; ++j) {
@@ -329,7 +394,6 @@ void backward_attn(const Geo& g, const T* gout, const T* v, const T* attn, const
                                     for (int64_t c = 0; c < C; ++c) gdh[k * C + c] += t[c];
                                 }
                             }
-                        }
                         }
                         if (!g.need_attn) continue;
                         T* pa = gattn + pix * KK;
@@ -388,12 +452,14 @@ void backward_v(const Geo& g, const T* gout, const typename Io<T>::acc* mul, con
                     if constexpr (kFast<T, CT>) {
                         v8f r[4] = {};
                         for (int64_t a = 0; a < ni; ++a) {
-                            const int64_t i = iy[a], y = iy[g.K + a];
+                            const int64_t i = iy[a];
+                            const int64_t row_pix = (b * g.Ho + iy[g.K + a]) * g.Wo * g.G + h;  // pixel (y, 0), head h
+                            const T* grow = gout + row_pix * 32;
+                            const float* prow = probs + row_pix * KK + i * g.K;
                             for (int64_t e = 0; e < nj; ++e) {
-                                const int64_t j = jx[e], x = jx[g.K + e];
-                                const int64_t k = i * g.K + j, pix = ((b * g.Ho + y) * g.Wo + x) * g.G + h;
-                                const v8f pk = v8f{} + probs[pix * KK + k];
-                                const T* pg = gout + pix * 32;
+                                const int64_t j = jx[e], xg = jx[g.K + e] * g.G, k = i * g.K + j;
+                                const v8f pk = v8f{} + prow[xg * KK + j];
+                                const T* pg = grow + xg * 32;
                                 for (int q = 0; q < 4; ++q) {
                                     v8f w = MUL ? pk * vload(m + k * 32 + 8 * q) : pk;
                                     if (ADD) w += vload(d + k * 32 + 8 * q);
@@ -427,6 +493,13 @@ void backward_v(const Geo& g, const T* gout, const typename Io<T>::acc* mul, con
     }
 }
 
+template <typename T, int CT, bool MUL, bool ADD>
+void pass1(const Geo& g, const T* gout, const T* v, const T* attn, const typename Io<T>::acc* mul,
+           typename Io<T>::acc* probs, T* gattn, typename Io<T>::acc* gm, typename Io<T>::acc* gd, int nthreads) {
+    if constexpr (kFast<T, CT>) backward_attn_rows<T, MUL>(g, gout, v, attn, mul, probs, gattn, gm, gd, nthreads);
+    else backward_attn<T, CT, MUL, ADD>(g, gout, v, attn, mul, probs, gattn, gm, gd, nthreads);
+}
+
 // Dispatch on the ghost variant and on the compile-time channel count.
 template <typename T, int CT>
 void run_c(const Geo& g, const void* const* ptr, int pass, int nthreads) {
@@ -438,8 +511,7 @@ void run_c(const Geo& g, const void* const* ptr, int pass, int nthreads) {
 #define ELSA_VARIANT(MUL, ADD)                                                                                  \
     if (pass == 0) forward<T, CT, MUL, ADD>(g, in(0), in(1), ain(2), ain(3), out(4), nthreads);                 \
     else if (pass == 1)                                                                                         \
-        backward_attn<T, CT, MUL, ADD>(g, in(0), in(1), in(2), ain(3), aout(4), out(5), aout(6), aout(7),       \
-                                       nthreads);                                                               \
+        pass1<T, CT, MUL, ADD>(g, in(0), in(1), in(2), ain(3), aout(4), out(5), aout(6), aout(7), nthreads);    \
     else backward_v<T, CT, MUL, ADD>(g, in(0), ain(1), ain(2), ain(3), out(4), nthreads);
     if (g.has_mul && g.has_add) { ELSA_VARIANT(true, true) }
     else if (g.has_mul) { ELSA_VARIANT(true, false) }
