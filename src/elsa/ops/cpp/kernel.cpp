@@ -92,6 +92,27 @@ inline float hsum(v8f x) {  // halves, then a shuffle tree: three adds instead o
 template <typename T, int CT>
 constexpr bool kFast = CT == 32 && !std::is_same<T, double>::value;
 
+// acc += src * (p_k * m_k + d_k) over a head's channels: the step the forward and grad_v share (grad_v with the
+// output gradient as src). m and d point at neighbour k's row of C values (unused when MUL / ADD is off).
+template <bool MUL, bool ADD, typename T>
+inline void accumulate32(v8f* r, float pk, const float* m, const float* d, const T* src) {
+    const v8f p = v8f{} + pk;
+    for (int q = 0; q < 4; ++q) {
+        v8f w = MUL ? p * vload(m + 8 * q) : p;
+        if (ADD) w += vload(d + 8 * q);
+        r[q] += vload(src + 8 * q) * w;
+    }
+}
+template <bool MUL, bool ADD, typename T, typename A>
+inline void accumulate(A* __restrict acc, int64_t C, A pk, const A* m, const A* d, const T* __restrict src) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+        A w = MUL ? pk * m[c] : pk;
+        if (ADD) w += d[c];
+        acc[c] += Io<T>::load(src + c) * w;
+    }
+}
+
 // Geometry and strides (in elements), filled from the int64 array the caller passes.
 struct Geo {
     int64_t B, G, C, H, W, Ho, Wo, K, dil, stride;
@@ -204,13 +225,8 @@ void forward(const Geo& g, const T* v, const T* attn, const typename Io<T>::acc*
                             const T* vrow = vbase + (ys + (i - half) * g.dil) * g.svh;
                             for (int64_t j = jlo; j < jhi; ++j) {
                                 const int64_t k = i * g.K + j;
-                                const T* pv = vrow + (xs + (j - half) * g.dil) * g.svw;
-                                const v8f pk = v8f{} + p[k];
-                                for (int q = 0; q < 4; ++q) {
-                                    v8f w = MUL ? pk * vload(m + k * 32 + 8 * q) : pk;
-                                    if (ADD) w += vload(d + k * 32 + 8 * q);
-                                    r[q] += vload(pv + 8 * q) * w;
-                                }
+                                accumulate32<MUL, ADD>(r, p[k], MUL ? m + k * 32 : m, ADD ? d + k * 32 : d,
+                                                       vrow + (xs + (j - half) * g.dil) * g.svw);
                             }
                         }
                         for (int q = 0; q < 4; ++q) vstore(po + 8 * q, r[q]);
@@ -221,14 +237,8 @@ void forward(const Geo& g, const T* v, const T* attn, const typename Io<T>::acc*
                         const T* vrow = vbase + (ys + (i - half) * g.dil) * g.svh;
                         for (int64_t j = jlo; j < jhi; ++j) {
                             const int64_t k = i * g.K + j;
-                            const T* pv = vrow + (xs + (j - half) * g.dil) * g.svw;
-                            const A pk = p[k];
-#pragma omp simd
-                            for (int64_t c = 0; c < C; ++c) {
-                                A w = MUL ? pk * m[k * C + c] : pk;
-                                if (ADD) w += d[k * C + c];
-                                acc[c] += Io<T>::load(pv + c) * w;
-                            }
+                            accumulate<MUL, ADD>(acc, C, p[k], MUL ? m + k * C : m, ADD ? d + k * C : d,
+                                                 vrow + (xs + (j - half) * g.dil) * g.svw);
                         }
                     }
                     for (int64_t c = 0; c < C; ++c) Io<T>::store(po + c, acc[c]);
@@ -458,13 +468,8 @@ void backward_v(const Geo& g, const T* gout, const typename Io<T>::acc* mul, con
                             const float* prow = probs + row_pix * KK + i * g.K;
                             for (int64_t e = 0; e < nj; ++e) {
                                 const int64_t j = jx[e], xg = jx[g.K + e] * g.G, k = i * g.K + j;
-                                const v8f pk = v8f{} + prow[xg * KK + j];
-                                const T* pg = grow + xg * 32;
-                                for (int q = 0; q < 4; ++q) {
-                                    v8f w = MUL ? pk * vload(m + k * 32 + 8 * q) : pk;
-                                    if (ADD) w += vload(d + k * 32 + 8 * q);
-                                    r[q] += vload(pg + 8 * q) * w;
-                                }
+                                accumulate32<MUL, ADD>(r, prow[xg * KK + j], MUL ? m + k * 32 : m,
+                                                       ADD ? d + k * 32 : d, grow + xg * 32);
                             }
                         }
                         for (int q = 0; q < 4; ++q) vstore(pv + 8 * q, r[q]);
@@ -476,14 +481,8 @@ void backward_v(const Geo& g, const T* gout, const typename Io<T>::acc* mul, con
                         for (int64_t e = 0; e < nj; ++e) {
                             const int64_t j = jx[e], x = jx[g.K + e];
                             const int64_t k = i * g.K + j, pix = ((b * g.Ho + y) * g.Wo + x) * g.G + h;
-                            const A pk = probs[pix * KK + k];
-                            const T* pg = gout + pix * C;
-#pragma omp simd
-                            for (int64_t c = 0; c < C; ++c) {
-                                A w = MUL ? pk * m[k * C + c] : pk;
-                                if (ADD) w += d[k * C + c];
-                                acc[c] += Io<T>::load(pg + c) * w;
-                            }
+                            accumulate<MUL, ADD>(acc, C, probs[pix * KK + k], MUL ? m + k * C : m,
+                                                 ADD ? d + k * C : d, gout + pix * C);
                         }
                     }
                     for (int64_t c = 0; c < C; ++c) Io<T>::store(pv + c, acc[c]);
