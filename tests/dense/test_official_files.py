@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from elsa.dense.detection import build_detector
-from elsa.dense.recipes_det import get_recipe
-from elsa.dense.segmentation.recipes import build_segmentor
+from elsa.dense.segmentation.segmentor import build_segmentor
+from synthetic_coco import tiny_recipe as tiny_det_recipe
 from test_det_models import _mmdet_state_dict
 from test_seg_model import tiny_recipe
 
@@ -55,7 +55,7 @@ def _meta(classes, **extra) -> dict:
 def test_official_mmdet_file_loads_with_weights_only(tmp_path, name):
     from elsa.dense.detection.engine import load_model_checkpoint
 
-    r = get_recipe(name)
+    r = tiny_det_recipe(name)
     model = build_detector(r)
     sd = OrderedDict(_mmdet_state_dict(model, r.arch))
     path = tmp_path / "epoch_36.pth"
