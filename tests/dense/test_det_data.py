@@ -114,9 +114,9 @@ def test_flip_resize_crop_keep_boxes_on_masks():
     assert t["boxes"][1].tolist() == [60, 40, 100, 80] and _mask_box(t["masks"][1]) == [60, 40, 100, 80]
     im, t = _resize(image, _target(), short=80, max_size=75)  # long side caps: scale 1.5
     assert im.shape == (3, 60, 75)
-    random.seed(3)
+    rng = random.Random(3)
     for _ in range(20):
-        im, t = _crop(image, _target(), 20, 30)
+        im, t = _crop(image, _target(), 20, 30, rng=rng)
         assert 20 <= im.shape[1] <= 30 and 20 <= im.shape[2] <= 30
         assert len(t["boxes"]) == len(t["labels"]) == len(t["masks"])
         for b, m in zip(t["boxes"], t["masks"]):
@@ -173,3 +173,43 @@ def test_aspect_ratio_batches_are_homogeneous_and_sharded():
     b0, b1 = list(r0), list(r1)
     assert len(b0) == len(b1) == len(r0) == 2
     assert sorted(i for b in b0 + b1 for i in b) == list(range(7))  # together: every image once
+
+
+def test_unreadable_image_is_replaced_in_training_and_left_out_in_evaluation(tmp_path, caplog):
+    """The one unreadable-sample policy (elsa.data.SkipUnreadable) in detection training, counted per batch;
+    evaluation leaves the image out rather than evaluating a neighbour twice."""
+    from elsa.data.folder import SkipUnreadable
+    from elsa.dense.detection.data import ImagesOrNone, collate, collate_skip
+
+    path, img_dir = _write_bad_dataset(tmp_path)
+    (img_dir / "2.png").write_bytes(b"\x89PNG not a png")
+    ds = CocoInstances(path, img_dir, train=True)
+    bad = next(i for i in range(len(ds)) if ds.filename(i).endswith("2.png"))
+    train = SkipUnreadable(ds)
+    with caplog.at_level("WARNING"):
+        batch = collate_skip([train[bad], train[bad], train[(bad + 1) % len(ds)]])
+    images, targets, skipped = batch
+    assert skipped == 2 and len(images) == 3
+    assert int(targets[0]["image_id"]) != 2  # replaced by the next readable image
+    assert sum("2.png" in r.getMessage() for r in caplog.records) == 1  # warned once per file
+    evaluation = ImagesOrNone(ds)
+    images, targets = collate([evaluation[i] for i in range(len(ds))])
+    assert evaluation.unreadable == 1 and len(images) == len(ds) - 1
+    assert 2 not in [int(t["image_id"]) for t in targets]
+
+
+def test_train_transform_draws_from_its_own_seeded_stream():
+    """No global random in the detection transforms: the same seed gives the same augmentation whatever the
+    global RNG state, and reseeding (what each loader worker does) restarts the stream."""
+    image = torch.rand(3, 60, 80)
+    target = {"boxes": torch.tensor([[10.0, 10.0, 40.0, 30.0]]), "labels": torch.tensor([1]),
+              "masks": torch.zeros(1, 60, 80, dtype=torch.uint8)}
+    outs = []
+    for global_seed in (0, 1):
+        random.seed(global_seed)
+        tf = TrainTransform([32, 40, 48], 96, crop_prescales=(40, 48), crop_size=(20, 40), seed=7)
+        outs.append([tf(image, target)[0].shape for _ in range(8)])
+    assert outs[0] == outs[1]
+    tf.reseed(7)
+    assert [tf(image, target)[0].shape for _ in range(8)] == outs[0]
+    assert len(set(outs[0])) > 1  # it does draw

@@ -38,7 +38,7 @@ def seed_worker(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
     dataset = info.dataset if info is not None else None
     while dataset is not None:
-        transform = getattr(dataset, "transform", None)
+        transform = getattr(dataset, "transform", None) or getattr(dataset, "transforms", None)
         if hasattr(transform, "reseed"):
             transform.reseed(info.seed % 2 ** 32)
             return

@@ -24,6 +24,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ...data.folder import SAMPLE_ERRORS
 from torch import Tensor
 
 _logger = logging.getLogger(__name__)
@@ -156,20 +158,18 @@ class CocoInstances(torch.utils.data.Dataset):
             masks[i] = mask_utils.decode(rle)
         return torch.from_numpy(masks)
 
+    def filename(self, index: int) -> str:
+        """The image file of sample ``index`` (named in warnings about unreadable files)."""
+        return str(self.img_dir / self.items[index][0]["file_name"])
+
     def __getitem__(self, index: int) -> Tuple[Tensor, Target]:
         from PIL import Image
 
         info, anns = self.items[index]
-        path = self.img_dir / info["file_name"]
-        try:
-            with Image.open(path) as im:
-                img = np.asarray(im.convert("RGB"))
-        except OSError as e:  # unreadable file found late: never crash a long run on one bad image
-            _logger.warning("cannot read %s (%s); using the next image", path, e)
-            self.stats["images_unreadable"] += 1
-            if len(self) == 1:
-                raise
-            return self[(index + 1) % len(self)]
+        # An unreadable file raises (OSError and kin): training wraps the set in elsa.data.SkipUnreadable (replaced,
+        # warned once, counted), evaluation leaves the image out and counts it (ImagesOrNone).
+        with Image.open(self.img_dir / info["file_name"]) as im:
+            img = np.asarray(im.convert("RGB"))
         h, w = img.shape[:2]
         if (h, w) != (info["height"], info["width"]):
             self.stats["images_size_mismatch"] += 1
@@ -213,13 +213,13 @@ def _flip(image: Tensor, target: Target) -> Tuple[Tensor, Target]:
     return image.flip(-1), target
 
 
-def _crop(image: Tensor, target: Target, crop_min: int, crop_max: int) -> Tuple[Tensor, Target]:
+def _crop(image: Tensor, target: Target, crop_min: int, crop_max: int, rng: random.Random) -> Tuple[Tensor, Target]:
     """mmdet RandomCrop(crop_type='absolute_range', allow_negative_crop=True): crop side in
     [min(side, crop_min), min(side, crop_max)], boxes shifted and clipped, empty boxes dropped."""
     h, w = image.shape[-2:]
-    ch = random.randint(min(h, crop_min), min(h, crop_max))
-    cw = random.randint(min(w, crop_min), min(w, crop_max))
-    y0, x0 = random.randint(0, h - ch), random.randint(0, w - cw)
+    ch = rng.randint(min(h, crop_min), min(h, crop_max))
+    cw = rng.randint(min(w, crop_min), min(w, crop_max))
+    y0, x0 = rng.randint(0, h - ch), rng.randint(0, w - cw)
     target = dict(target)
     b = target["boxes"] - torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
     b[:, 0::2].clamp_(0, cw)
@@ -236,17 +236,23 @@ class TrainTransform:
     ``crop_size``, and resize to one of ``scales`` (mmdet AutoAugment of the DETR / Sparse R-CNN recipe)."""
 
     def __init__(self, scales: Sequence[int], max_size: int, flip_prob: float = 0.5, detr_crop: bool = True,
-                 crop_prescales: Sequence[int] = (400, 500, 600), crop_size: Tuple[int, int] = (384, 600)) -> None:
+                 crop_prescales: Sequence[int] = (400, 500, 600), crop_size: Tuple[int, int] = (384, 600),
+                 seed: Optional[int] = None) -> None:
         self.scales, self.max_size, self.flip_prob = list(scales), max_size, flip_prob
         self.detr_crop, self.crop_prescales, self.crop_size = detr_crop, list(crop_prescales), tuple(crop_size)
+        self.rng = random.Random(seed)  # its own stream; each loader worker reseeds it (elsa.engine.seed_worker)
+
+    def reseed(self, seed: int) -> None:
+        self.rng = random.Random(seed)
 
     def __call__(self, image: Tensor, target: Target) -> Tuple[Tensor, Target]:
-        if random.random() < self.flip_prob:
+        rng = self.rng
+        if rng.random() < self.flip_prob:
             image, target = _flip(image, target)
-        if self.detr_crop and random.random() < 0.5:
-            image, target = _resize(image, target, random.choice(self.crop_prescales), self.max_size)
-            image, target = _crop(image, target, *self.crop_size)
-        return _resize(image, target, random.choice(self.scales), self.max_size)
+        if self.detr_crop and rng.random() < 0.5:
+            image, target = _resize(image, target, rng.choice(self.crop_prescales), self.max_size)
+            image, target = _crop(image, target, *self.crop_size, rng=rng)
+        return _resize(image, target, rng.choice(self.scales), self.max_size)
 
 
 class AspectRatioBatchSampler(torch.utils.data.Sampler):
@@ -288,9 +294,36 @@ class AspectRatioBatchSampler(torch.utils.data.Sampler):
         return -(-n // self.world)
 
 
-def collate(batch: List[Tuple[Tensor, Target]]) -> Tuple[List[Tensor], List[Target]]:
-    """Detection batches are lists (images differ in size; the model pads them)."""
-    return [b[0] for b in batch], [b[1] for b in batch]
+def collate(batch: List[Optional[Tuple[Tensor, Target]]]) -> Tuple[List[Tensor], List[Target]]:
+    """Detection batches are lists (images differ in size; the model pads them). ``None`` items (unreadable images
+    in evaluation, ``ImagesOrNone``) are left out."""
+    good = [b for b in batch if b is not None]
+    return [b[0] for b in good], [b[1] for b in good]
+
+
+def collate_skip(batch: List[Tuple[Tensor, Target, int]]) -> Tuple[List[Tensor], List[Target], int]:
+    """Training batches of ``SkipUnreadable(CocoInstances)``: (images, targets, unreadable files met)."""
+    return [b[0] for b in batch], [b[1] for b in batch], sum(b[2] for b in batch)
+
+
+class ImagesOrNone(torch.utils.data.Dataset):
+    """Evaluation view of a dataset: an unreadable image gives ``None`` (left out of the batch by ``collate``),
+    is warned about and counted in ``unreadable``, instead of being replaced by another image (which would be
+    evaluated twice). Used in the main process (num_workers=0), where the count is read back."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset, self.unreadable = dataset, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except SAMPLE_ERRORS as err:
+            self.unreadable += 1
+            _logger.warning("left out of the evaluation, unreadable: %s (%s)", index, err)
+            return None
 
 
 def build_datasets(data: Union[str, os.PathLike], recipe, splits: Sequence[str] = ("train", "val"),
@@ -306,6 +339,6 @@ def build_datasets(data: Union[str, os.PathLike], recipe, splits: Sequence[str] 
             ann, img = ann or dann, img or dimg
         train = split == "train"
         tf = TrainTransform(recipe.train_scales, recipe.max_size, recipe.flip_prob, recipe.detr_crop,
-                            recipe.crop_prescales, recipe.crop_size) if train else None
+                            recipe.crop_prescales, recipe.crop_size, seed=torch.initial_seed() % 2 ** 32) if train else None
         out[split] = CocoInstances(ann, img, train=train, transforms=tf)
     return out

@@ -21,7 +21,8 @@ from ...engine import (CheckpointHook, EvalHook, JsonlLogHook, ProgressHook, Run
 from ...engine.optim import linear_warmup, param_groups
 from ...io import atomic_write_text
 from ..recipes_det import DetRecipe
-from .data import AspectRatioBatchSampler, CocoInstances, collate
+from ...data.folder import SkipUnreadable
+from .data import AspectRatioBatchSampler, CocoInstances, ImagesOrNone, collate, collate_skip
 from .evaluation import CocoEvaluator, load_coco
 
 _logger = logging.getLogger(__name__)
@@ -76,8 +77,8 @@ def train(model: nn.Module, recipe: DetRecipe, train_set: CocoInstances, output:
                          runtime.world_size * recipe.batch_size, recipe.lr)
     net = runtime.wrap(model, sync_bn=True)  # the official cascade heads use SyncBN
     sampler = AspectRatioBatchSampler(train_set, recipe.batch_size, rank=runtime.rank, world_size=runtime.world_size)
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=recipe.workers, collate_fn=collate,
-                        persistent_workers=recipe.workers > 0, worker_init_fn=seed_worker)
+    loader = DataLoader(SkipUnreadable(train_set), batch_sampler=sampler, num_workers=recipe.workers,
+                        collate_fn=collate_skip, persistent_workers=recipe.workers > 0, worker_init_fn=seed_worker)
     total, steps = schedule(recipe, len(loader))
     optimizer = build_optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -92,9 +93,9 @@ def train(model: nn.Module, recipe: DetRecipe, train_set: CocoInstances, output:
         _logger.info("resumed from %s at epoch %d, iteration %d", ckpt_path, state.epoch, state.iteration)
 
     def step(m: nn.Module, batch) -> StepOutput:
-        images, targets = batch
+        images, targets, skipped = batch
         losses = m([im.to(runtime.device, non_blocking=True) for im in images], _to(targets, runtime.device))
-        return StepOutput(dict(losses, loss=sum(losses.values())), len(images))
+        return StepOutput(dict(losses, loss=sum(losses.values())), len(images), skipped)
 
     def run_eval(trainer: Trainer) -> Dict[str, Any]:
         metrics = evaluate(model, val_set, recipe, progress=progress, runtime=runtime)
@@ -123,15 +124,19 @@ def predict_dataset(model: nn.Module, dataset: CocoInstances, device: Optional[t
 
     runtime = runtime or Runtime()
     device = device or next(model.parameters()).device
-    subset = torch.utils.data.Subset(dataset, runtime.shard(len(dataset)))
+    subset = ImagesOrNone(torch.utils.data.Subset(dataset, runtime.shard(len(dataset))))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=0)
     evaluator = CocoEvaluator(load_coco(str(dataset.ann_file)), dataset.cat_ids)
     net = unwrap_model(model)
     net.eval()
     for images, targets in tqdm(loader, disable=not progress or not runtime.is_main, desc="det eval",
                                 dynamic_ncols=True):
+        if not images:
+            continue  # every image of the batch was unreadable
         preds = net([im.to(device) for im in images])
         evaluator.update([int(t["image_id"]) for t in targets], [{k: v.cpu() for k, v in p.items()} for p in preds])
+    if subset.unreadable:
+        _logger.warning("det eval: %d unreadable image(s) left out", subset.unreadable)
     evaluator.gather()
     return evaluator
 
