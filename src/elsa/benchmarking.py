@@ -21,6 +21,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .engine.runtime import Runtime, amp_dtype
 from .engine.runtime import resolve_device as _resolve_device
 
 _log = logging.getLogger(__name__)
@@ -112,8 +113,10 @@ def _sync(device: str) -> None:
 
 
 def _autocast(settings: BenchSettings):
-    device_type = "cuda" if settings.device.startswith("cuda") else "cpu"
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
+    """The engine's autocast policy for the measured precision ("bf16": bfloat16 autocast on CPU and CUDA)."""
+    device = torch.device(settings.device)
+    dtype = amp_dtype(settings.precision == "bf16", device, "bfloat16")
+    return Runtime(device=device, amp_dtype=dtype).autocast()
 
 
 def _logits(out) -> torch.Tensor:
