@@ -9,17 +9,29 @@ from typing import Callable, Union
 PathLike = Union[str, os.PathLike]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)``, fsync the file, then rename it over ``path`` (atomic on POSIX).
 
     The temporary file sits in the destination directory (same filesystem) and is removed if ``write`` fails.
+    Temporaries of ``path`` that an earlier, killed writer left behind (``.NAME.*.tmp``, checkpoint-sized) are
+    removed first: each file has one writer (rank 0). The file gets the permissions the umask gives a new file
+    (mkstemp would leave 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

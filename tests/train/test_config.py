@@ -87,7 +87,12 @@ def test_config_file_errors(tmp_path):
 
 @pytest.mark.parametrize("flag,match", [("--batch-size 0", "--batch-size"), ("--epochs -1", "--epochs"),
                                         ("--drop-path 1.5", "--drop-path"), ("--warmup-epochs 20 --epochs 5",
-                                                                             "--warmup-epochs")])
+                                                                             "--warmup-epochs"),
+                                        ("--clip-grad -1", "--clip-grad must be > 0"),
+                                        ("--weight-decay -1", "--weight-decay must be >= 0"),
+                                        ("--lr 1e-3 --min-lr 1e-2", "--min-lr must be <= --lr"),
+                                        ("--smoothing 2", r"--smoothing must be in \[0, 1\)"),
+                                        ("--hflip 1.5", r"--hflip must be in \[0, 1\]")])
 def test_bad_values_name_the_option(flag, match):
     with pytest.raises(ValueError, match=match):
         validate_config(config_of("train " + flag))
@@ -98,3 +103,16 @@ def test_every_builtin_recipe_builds_a_valid_config(name):
     cfg = config_of(f"train /data/somewhere --recipe {name}")
     assert cfg.recipe == name
     validate_config(cfg)
+
+
+def test_config_file_numbers_written_as_yaml_text_work_as_the_flags_do(tmp_path):
+    """PyYAML reads `lr: 1e-3` as the string '1e-3'; the file must mean what `--lr 1e-3` means."""
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\nmin_lr: 1e-6\nepochs: 3\nweight_decay: 5e-2\n")
+    cfg = config_of(f"train --config {path}")
+    assert (cfg.lr, cfg.min_lr, cfg.epochs, cfg.weight_decay) == (1e-3, 1e-6, 3, 0.05)
+    assert isinstance(cfg.epochs, int)
+    validate_config(cfg)
+    path.write_text("lr: fast\n")
+    with pytest.raises(ValueError, match="--lr must be a number, got 'fast'"):
+        config_of(f"train --config {path}")

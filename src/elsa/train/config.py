@@ -192,7 +192,27 @@ def build_config(cli: Dict[str, Any]) -> TrainConfig:
     values.update(cli)
     if recipe:
         values["recipe"] = recipe
-    return TrainConfig(**values)
+    return TrainConfig(**_coerced(values))
+
+
+_NUMBER_TYPES = {"float": float, "Optional[float]": float, "int": int, "Optional[int]": int}
+
+
+def _coerced(values: Dict[str, Any]) -> Dict[str, Any]:
+    """Numbers written as text become numbers: PyYAML reads ``lr: 1e-3`` as the string '1e-3' (YAML 1.1 wants a
+    dot in the mantissa), which the flag ``--lr 1e-3`` reads as a float. Text that is not a number is an error
+    naming the option."""
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    out = dict(values)
+    for name, value in values.items():
+        kind = _NUMBER_TYPES.get(str(types.get(name)))
+        if kind is None or not isinstance(value, str):
+            continue
+        try:
+            out[name] = kind(float(value)) if kind is int and float(value).is_integer() else kind(value)
+        except ValueError:
+            raise ValueError(f"--{name.replace('_', '-')} must be a number, got {value!r}") from None
+    return out
 
 
 def validate_config(cfg: TrainConfig) -> None:
@@ -235,3 +255,21 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--token-label-size must be > 0, got {cfg.token_label_size!r}")
     if cfg.model_ema and not 0 < cfg.model_ema_decay < 1:
         raise ValueError(f"--model-ema-decay must be in (0, 1), got {cfg.model_ema_decay}")
+    for name in ("weight_decay", "warmup_lr", "min_lr", "color_jitter", "cooldown_epochs", "decay_epochs",
+                 "dense_weight"):
+        v = getattr(cfg, name)
+        if v < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+    if cfg.clip_grad is not None and cfg.clip_grad <= 0:  # a negative norm bound flips the gradient's sign
+        raise ValueError(f"--clip-grad must be > 0 (or left out for no clipping), got {cfg.clip_grad}")
+    if cfg.min_lr > cfg.lr:
+        raise ValueError(f"--min-lr must be <= --lr, got min-lr {cfg.min_lr} with lr {cfg.lr}")
+    for name in ("smoothing", "drop"):
+        if getattr(cfg, name) >= 1:
+            raise ValueError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+    for name in ("hflip", "vflip", "mixup_prob", "mixup_switch_prob", "momentum"):
+        v = getattr(cfg, name)
+        if not 0 <= v <= 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
+    if cfg.decay_rate <= 0:
+        raise ValueError(f"--decay-rate must be > 0, got {cfg.decay_rate}")
