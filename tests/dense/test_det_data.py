@@ -213,3 +213,30 @@ def test_train_transform_draws_from_its_own_seeded_stream():
     tf.reseed(7)
     assert [tf(image, target)[0].shape for _ in range(8)] == outs[0]
     assert len(set(outs[0])) > 1  # it does draw
+
+
+@pytest.mark.parametrize("case", ["no images", "all files missing"])
+def test_a_dataset_with_no_usable_image_stops_with_one_line(tmp_path, case):
+    """Before, `elsa det train` looped forever around a loader that yielded nothing. (An image whose boxes are all
+    degenerate is not unusable: mmdet keeps it as background, and so do we.)"""
+    import subprocess
+    import sys
+
+    img_dir = tmp_path / "train2017"
+    img_dir.mkdir()
+    images = [] if case == "no images" else [{"id": 1, "file_name": "1.png", "width": 60, "height": 50}]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [5, 5, 10, 10], "area": 100,
+             "segmentation": [[5, 5, 15, 5, 15, 15]]}] if images else []
+    (tmp_path / "annotations").mkdir()
+    ann = tmp_path / "annotations" / "instances_train2017.json"
+    ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}]}))
+    with pytest.raises(ValueError, match="no usable image"):
+        CocoInstances(ann, img_dir, train=True)
+    from synthetic_coco import tiny_recipe_file
+
+    done = subprocess.run([sys.executable, "-m", "elsa.cli.det", "train", "--recipe", tiny_recipe_file(tmp_path),
+                           "--data", str(tmp_path), "--output", str(tmp_path / "out"), "--iters", "5",
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "no usable image" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out" / "last.pth").exists()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...data.folder import SAMPLE_ERRORS
+from ...data.folder import SAMPLE_ERRORS, DatasetError
 from torch import Tensor
 
 _logger = logging.getLogger(__name__)
@@ -99,8 +99,10 @@ class CocoInstances(torch.utils.data.Dataset):
             if not anns:
                 self.stats["images_without_instances"] += 1
             self.items.append((info, anns))
-        _logger.info("%s: %d images used; %s", self.ann_file.name, len(self.items),
-                     ", ".join(f"{k}={v}" for k, v in sorted(self.stats.items())))
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(self.stats.items()))
+        if not self.items:  # stop here, with the reasons, rather than start a run that cannot make one step
+            raise DatasetError(f"ann_file {self.ann_file}: no usable image ({counts or 'no images listed'})")
+        _logger.info("%s: %d images used; %s", self.ann_file.name, len(self.items), counts)
 
     def _clean(self, info: dict, anns: List[dict]) -> List[dict]:
         w, h = float(info["width"]), float(info["height"])
