@@ -67,6 +67,21 @@ def test_unreadable_image_is_replaced_and_counted(tmp_path, caplog):
     torch.testing.assert_close(images[1], images[2])
 
 
+def test_a_data_set_with_nothing_readable_is_a_user_error_not_a_loop():
+    """Every sample unreadable (e.g. RGB segmentation masks): after max_retries in a row, one DatasetError (shown
+    by the CLI as one line, exit code 2) instead of an endless stream of warnings."""
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 50
+
+        def __getitem__(self, i):
+            raise ValueError(f"mask {i} is RGB, expected a label map")
+
+    with pytest.raises(DatasetError, match=r"5 unreadable samples in a row \(first error: mask 3 is RGB"):
+        SkipUnreadable(Broken(), max_retries=5)[3]
+
+
 @pytest.mark.parametrize("breakage,match", [
     ("missing", "does not exist"),
     ("no_val", "no 'val' or 'validation' sub-folder"),

@@ -131,7 +131,7 @@ class SkipUnreadable(torch.utils.data.Dataset):
                 index = (index + 1) % len(self.dataset)
                 continue
             return dict(item, skipped=skipped) if isinstance(item, dict) else (*item, skipped)
-        raise RuntimeError(f"{self.max_retries} unreadable samples in a row (first error: {first_error}); "
+        raise DatasetError(f"{self.max_retries} unreadable samples in a row (first error: {first_error}); "
                            f"the data set looks broken")
 
 
