@@ -122,6 +122,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+    from elsa.data.image import open_rgb
     from elsa.engine import resolve_device
     from elsa.io import atomic_write, atomic_write_text
 
@@ -130,8 +131,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model, recipe, meta = _load_model(args)
     device = resolve_device(args.device)
     model.to(device).eval()
-    with Image.open(args.image) as im:
-        arr = np.asarray(im.convert("RGB")).copy()
+    arr = np.asarray(open_rgb(args.image)).copy()
     image = torch.from_numpy(arr).permute(2, 0, 1)
     with torch.no_grad():
         pred = model([image.float().div(255).to(device)])[0]

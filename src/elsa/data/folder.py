@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.data.readers.reader_image_folder import natural_key
+from .image import open_rgb
 
 _logger = logging.getLogger(__name__)
 
@@ -85,8 +86,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
-        with Image.open(path) as img:
-            img = img.convert("RGB")  # decodes the pixels here, so a truncated file fails here
+        img = open_rgb(path)  # decodes the pixels here, so a truncated file fails here
         if self.transform is not None:
             img = self.transform(img)
         return img, target

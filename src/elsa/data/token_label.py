@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from .folder import DatasetError, ImageFolderDataset
+from .image import open_rgb
 
 __all__ = ["LABEL_MAP_SUFFIXES", "TokenLabelDataset", "TokenLabelTransform", "collate_token_label",
            "crop_label_map", "load_label_map"]
@@ -154,8 +155,7 @@ class TokenLabelDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         path, target = self.base.samples[index]
-        with Image.open(path) as img:
-            img = img.convert("RGB")
+        img = open_rgb(path)
         label_map = load_label_map(self.label_files[index])
         if self.transform is None:
             raise RuntimeError("TokenLabelDataset.transform is not set (a TokenLabelTransform)")

@@ -15,6 +15,7 @@ from timm.data import create_transform, resolve_data_config
 
 from ..checkpoint import CheckpointError, has_ema, load_checkpoint, read_checkpoint, unwrap_state_dict
 from ..engine import Runtime, amp_dtype, resolve_device
+from ..data.image import open_rgb
 
 _logger = logging.getLogger(__name__)
 
@@ -116,8 +117,7 @@ def load_image(path: PathLike) -> Image.Image:
     if not path.is_file():
         raise ToolError(f"image {str(path)!r} does not exist")
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        return open_rgb(path)
     except (UnidentifiedImageError, OSError) as err:
         raise ToolError(f"image {str(path)!r} cannot be read as an image: {err}") from err
 

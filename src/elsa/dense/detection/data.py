@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ...data.folder import SAMPLE_ERRORS, DatasetError
+from ...data.image import open_rgb
 from torch import Tensor
 
 _logger = logging.getLogger(__name__)
@@ -165,13 +166,10 @@ class CocoInstances(torch.utils.data.Dataset):
         return str(self.img_dir / self.items[index][0]["file_name"])
 
     def __getitem__(self, index: int) -> Tuple[Tensor, Target]:
-        from PIL import Image
-
         info, anns = self.items[index]
         # An unreadable file raises (OSError and kin): training wraps the set in elsa.data.SkipUnreadable (replaced,
         # warned once, counted), evaluation leaves the image out and counts it (ImagesOrNone).
-        with Image.open(self.img_dir / info["file_name"]) as im:
-            img = np.asarray(im.convert("RGB"))
+        img = np.asarray(open_rgb(self.img_dir / info["file_name"]))
         h, w = img.shape[:2]
         if (h, w) != (info["height"], info["width"]):
             self.stats["images_size_mismatch"] += 1

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from ...data.image import open_rgb
 from .segmentor import IGNORE_INDEX, rescale_size
 
 _logger = logging.getLogger(__name__)
@@ -86,8 +87,7 @@ def reduce_zero_label(label: np.ndarray) -> np.ndarray:
 
 def load_pair(img_path: Path, ann_path: Optional[Path]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """(H, W, 3) uint8 RGB image and the (H, W) uint8 raw annotation; raises OSError/ValueError on bad files."""
-    with Image.open(img_path) as im:
-        img = np.asarray(im.convert("RGB"))
+    img = np.asarray(open_rgb(img_path))
     label = None
     if ann_path is not None:
         with Image.open(ann_path) as im:
