@@ -150,6 +150,19 @@ def test_validate_errors(data, checkpoints, tmp_path, capsys):
     assert rc == 2 and "DATA" in capsys.readouterr().err
 
 
+def test_predict_reports_a_bad_file_and_predicts_the_others(data, checkpoints, tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    files = [data / "val" / "class0" / "0.png", bad, data / "val" / "class2" / "1.png"]
+    argv = ["predict", *map(str, files), "--model", MODEL, "--checkpoint", str(checkpoints["pth"]), "--topk", "2"]
+    assert main(argv + ["--json"]) == 2  # not every image was predicted
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert [r["image"] for r in out] == list(map(str, files))  # in the order given
+    assert len(out[0]["topk"]) == 2 and len(out[2]["topk"]) == 2
+    assert "cannot be read" in out[1]["error"] and "bad.jpg" in captured.err and "Traceback" not in captured.err
+
+
 def test_predict_topk_and_json(data, checkpoints, tmp_path, capsys):
     files = [data / "val" / "class0" / "0.png", data / "val" / "class2" / "1.png"]
     argv = ["predict", *map(str, files), "--model", MODEL, "--checkpoint", str(checkpoints["pth"]), "--topk", "2"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ._common import command
 
@@ -45,12 +46,17 @@ def run(args: argparse.Namespace) -> int:
         names = checkpoint_classes(args.checkpoint, model.num_classes)
     _, transform = eval_transform(model, args.img_size, args.crop_pct, args.interpolation)
     results = predict(model, args.images, transform, topk=args.topk, names=names, device=device, amp=args.amp)
+    failed = [r for r in results if r.error is not None]
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
-        return 0
-    for r in results:
-        print(r.image)
-        for rank, (index, prob, name) in enumerate(r.classes, 1):
-            label = f"{name} ({index})" if name is not None else f"class {index}"
-            print(f"  {rank}. {100 * prob:6.2f}%  {label}")
-    return 0
+    else:
+        for r in results:
+            print(r.image)
+            if r.error is not None:
+                print(f"  error: {r.error}")
+            for rank, (index, prob, name) in enumerate(r.classes, 1):
+                label = f"{name} ({index})" if name is not None else f"class {index}"
+                print(f"  {rank}. {100 * prob:6.2f}%  {label}")
+    for r in failed:  # reported and skipped; the exit code says that not every image was predicted
+        print(f"elsa predict: error: {r.error}", file=sys.stderr)
+    return 2 if failed else 0

@@ -12,11 +12,15 @@ from .common import Autocast, PathLike, ToolError, load_image
 
 @dataclass
 class Prediction:
-    """One image's top-k classes, most probable first: (class index, probability, name or None)."""
+    """One image's top-k classes, most probable first: (class index, probability, name or None); or, for a file
+    that could not be read, ``error`` and no classes."""
     image: str
     classes: list[tuple[int, float, Optional[str]]] = field(default_factory=list)
+    error: Optional[str] = None
 
     def to_dict(self) -> dict:
+        if self.error is not None:
+            return {"image": self.image, "error": self.error}
         return {"image": self.image,
                 "topk": [{"rank": r + 1, "index": i, "prob": p, "name": n} for r, (i, p, n) in enumerate(self.classes)]}
 
@@ -32,7 +36,8 @@ def predict(
     batch_size: int = 32,
     amp: bool = False,
 ) -> list[Prediction]:
-    """Softmax top-``topk`` of ``model`` for each image file (preprocessed by ``transform`` to (3, H, W))."""
+    """Softmax top-``topk`` of ``model`` for each image file (preprocessed by ``transform`` to (3, H, W)), in the
+    order given. A file that cannot be read gets a Prediction with its ``error``; the others are still predicted."""
     if topk < 1:
         raise ToolError(f"--topk must be >= 1, got {topk}")
     if not images:
@@ -42,16 +47,24 @@ def predict(
     autocast = Autocast(amp, device)
     results: list[Prediction] = []
     for start in range(0, len(images), batch_size):
-        paths = images[start:start + batch_size]
-        batch = torch.stack([transform(load_image(p)) for p in paths]).to(device)
+        readable, tensors = [], []
+        for path in images[start:start + batch_size]:
+            try:
+                tensors.append(transform(load_image(path)))
+                readable.append(str(path))
+            except ToolError as err:
+                results.append(Prediction(str(path), error=str(err)))
+        if not tensors:
+            continue
         with autocast():
-            logits = model(batch)
+            logits = model(torch.stack(tensors).to(device))
         probs = logits.float().softmax(dim=-1)
         k = min(topk, probs.shape[-1])
         top = probs.topk(k, dim=-1)
-        for path, p, i in zip(paths, top.values.tolist(), top.indices.tolist()):
-            results.append(Prediction(str(path), [(c, prob, names[c] if names else None) for c, prob in zip(i, p)]))
-    return results
+        for path, p, i in zip(readable, top.values.tolist(), top.indices.tolist()):
+            results.append(Prediction(path, [(c, prob, names[c] if names else None) for c, prob in zip(i, p)]))
+    order = {str(p): n for n, p in enumerate(images)}
+    return sorted(results, key=lambda r: order[r.image])
 
 
 __all__ = ["Prediction", "predict"]
