@@ -122,6 +122,11 @@ struct Geo {
     int64_t softmax, has_mul, has_add;
     int64_t need_v, need_attn, need_mul, need_add;
     int64_t rows_per_block;      // backward ghost partial sums: one per (b, block of rows)
+
+    // Offset of pixel (y, x)'s K*K attention values of head h in sample b.
+    int64_t attn_at(int64_t b, int64_t h, int64_t y, int64_t x) const { return b * sab + h * sag + y * sah + x * saw; }
+    // Offset of head h's (K*K, C) ghost rows for sample b (one block per sample, or one for the batch).
+    int64_t ghost_at(int64_t b, int64_t h, int64_t kkc) const { return (ghost_batch ? b * G + h : h) * kkc; }
 };
 
 Geo read_geo(const int64_t* p) {
@@ -213,8 +218,8 @@ void forward(const Geo& g, const T* v, const T* attn, const typename Io<T>::acc*
                 int64_t jlo, jhi;
                 valid_range(xs, half, g.dil, g.W, g.K, jlo, jhi);
                 for (int64_t h = 0; h < g.G; ++h) {
-                    load_probs(attn + b * g.sab + h * g.sag + y * g.sah + x * g.saw, KK, g.softmax != 0, p.data());
-                    const int64_t gofs = (g.ghost_batch ? b * g.G + h : h) * KK * C;
+                    load_probs(attn + g.attn_at(b, h, y, x), KK, g.softmax != 0, p.data());
+                    const int64_t gofs = g.ghost_at(b, h, KK * C);
                     const A* m = MUL ? mul + gofs : nullptr;
                     const A* d = ADD ? add + gofs : nullptr;
                     const T* vbase = v + b * g.svb + h * g.svg;
@@ -272,14 +277,14 @@ void backward_attn_rows(const Geo& g, const T* gout, const T* v, const T* attn, 
                 for (int64_t h = 0; h < g.G; ++h) {
                     for (int64_t x = 0; x < Wo; ++x) {
                         const int64_t pix = ((b * g.Ho + y) * Wo + x) * g.G + h;
-                        load_probs(attn + b * g.sab + h * g.sag + y * g.sah + x * g.saw, KK, g.softmax != 0,
+                        load_probs(attn + g.attn_at(b, h, y, x), KK, g.softmax != 0,
                                    &P[x * KK8]);
                         if (g.need_v) std::copy(&P[x * KK8], &P[x * KK8] + KK, probs + pix * KK);
                         for (int q = 0; q < 4; ++q) GO[x * 4 + q] = vload(gout + pix * 32 + 8 * q);
                     }
                     if (!(g.need_attn || gm || gd)) continue;  // only the probabilities were needed
                     std::fill(DP.begin(), DP.end(), 0.0f);
-                    const int64_t gofs = (g.ghost_batch ? b * g.G + h : h) * KK * 32;
+                    const int64_t gofs = g.ghost_at(b, h, KK * 32);
                     const float* m = MUL ? mul + gofs : nullptr;
                     float* gmh = gm ? gm + h * KK * 32 : nullptr;
                     float* gdh = gd ? gd + h * KK * 32 : nullptr;
@@ -370,13 +375,12 @@ void backward_attn(const Geo& g, const T* gout, const T* v, const T* attn, const
                     valid_range(xs, half, g.dil, g.W, g.K, jlo, jhi);
                     for (int64_t h = 0; h < g.G; ++h) {
                         const int64_t pix = ((b * g.Ho + y) * g.Wo + x) * g.G + h;
-                        load_probs(attn + b * g.sab + h * g.sag + y * g.sah + x * g.saw, KK, g.softmax != 0,
-                                   p.data());
+                        load_probs(attn + g.attn_at(b, h, y, x), KK, g.softmax != 0, p.data());
                         if (g.need_v) std::copy(p.begin(), p.begin() + KK, probs + pix * KK);
                         if (!(g.need_attn || ghosts)) continue;
                         const T* pg = gout + pix * C;
                         for (int64_t c = 0; c < C; ++c) go[c] = Io<T>::load(pg + c);
-                        const int64_t gofs = (g.ghost_batch ? b * g.G + h : h) * KK * C;
+                        const int64_t gofs = g.ghost_at(b, h, KK * C);
                         const A* m = MUL ? mul + gofs : nullptr;
                         A* gmh = gm ? gm + h * KK * C : nullptr;
                         A* gdh = gd ? gd + h * KK * C : nullptr;
@@ -455,7 +459,7 @@ void backward_v(const Geo& g, const T* gout, const typename Io<T>::acc* mul, con
             for (int64_t xx = 0; xx < g.W; ++xx) {
                 const int64_t nj = readers(xx, g.K, half, g.dil, g.stride, g.Wo, jx.data(), jx.data() + g.K);
                 for (int64_t h = 0; h < g.G; ++h) {
-                    const int64_t gofs = (g.ghost_batch ? b * g.G + h : h) * KK * C;
+                    const int64_t gofs = g.ghost_at(b, h, KK * C);
                     const A* m = MUL ? mul + gofs : nullptr;
                     const A* d = ADD ? add + gofs : nullptr;
                     T* pv = gv + ((b * g.H + yy) * g.W + xx) * GC + h * C;
