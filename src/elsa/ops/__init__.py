@@ -126,20 +126,17 @@ def select_backend(v: Tensor, backend: Optional[str] = None) -> Backend:
 def _run(v: Tensor, attn: Tensor, ghost_mul: Optional[Tensor], ghost_add: Optional[Tensor], kernel_size: int,
          dilation: int, stride: int, num_heads: Optional[int], softmax: bool, backend: Optional[str]) -> Tensor:
     """Dispatch checked arguments to the chosen backend, adapting between the flat and the head-aware forms."""
-    if torch.onnx.is_in_onnx_export():  # ONNX knows no custom op: standard ops only (ops/decomposed.py)
-        if num_heads is None:
-            ghost_mul, ghost_add = (None if g is None else g.unsqueeze(1) for g in (ghost_mul, ghost_add))
-        return decomposed.aggregate(v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride, num_heads or 1,
-                                    softmax)
-    chosen = select_backend(v, backend)
-    if chosen.heads_aggregate is not None:
-        if num_heads is None:  # flat form: one head per sample, ghosts per sample
-            mul, add = (None if g is None else g.unsqueeze(1) for g in (ghost_mul, ghost_add))
-            out = chosen.heads_aggregate()(v, attn, mul, add, kernel_size, dilation, stride, 1, softmax)
-            # the result follows v's memory format, as PyTorch's own ops do
-            return out if v.stride(1) == 1 else out.contiguous()
-        return chosen.heads_aggregate()(v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride, num_heads,
-                                        softmax)
+    chosen = None if torch.onnx.is_in_onnx_export() else select_backend(v, backend)
+    if chosen is None or chosen.heads_aggregate is not None:
+        # The head-aware implementations take the flat form as one head per sample, with per-sample ghosts.
+        heads = 1 if num_heads is None else num_heads
+        mul, add = ((ghost_mul, ghost_add) if num_heads is not None else
+                    (None if g is None else g.unsqueeze(1) for g in (ghost_mul, ghost_add)))
+        # ONNX knows no custom op: while an exporter traces, standard ops only (ops/decomposed.py)
+        impl = decomposed.aggregate if chosen is None else chosen.heads_aggregate()
+        out = impl(v, attn, mul, add, kernel_size, dilation, stride, heads, softmax)
+        # the flat form's result follows v's memory format, as PyTorch's own ops do
+        return out if num_heads is not None or v.stride(1) == 1 else out.contiguous()
     if num_heads is not None:  # head-aware call on a flat backend: flatten (copies), then restore the heads
         b, gc, h, w = v.shape
         ho, wo = attn.shape[-2:]
