@@ -25,22 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import timm
-
-    import elsa  # noqa: F401 - registers the models
-    from ..checkpoint import load_checkpoint, read_checkpoint, unwrap_state_dict
+    from ..tools import create_model_from_checkpoint
     from ..tools.export import export_model
 
-    if not timm.is_model(args.model):
-        raise ValueError(f"model must be a registered model (see `elsa models`), got {args.model!r}")
-    num_classes = args.num_classes
-    raw = read_checkpoint(args.checkpoint, "--checkpoint file") if args.checkpoint else None  # read once
-    if raw is not None and num_classes is None:
-        state = unwrap_state_dict(raw)
-        num_classes = state["head.weight"].shape[0] if "head.weight" in state else None
-    model = timm.create_model(args.model, **({} if num_classes is None else dict(num_classes=num_classes)))
-    if raw is not None:
-        load_checkpoint(model, raw)
+    model = create_model_from_checkpoint(args.model, args.checkpoint, num_classes=args.num_classes)
     size = args.img_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
     in_chans = model.pretrained_cfg.get("input_size", (3,))[0]
     output = args.output or f"{args.model}.{args.format}"

@@ -30,12 +30,6 @@ class ExportReport:
     max_abs_diff: float  # written file vs eager, at a batch size other than the traced one
 
 
-def _check_batch(batch: int) -> int:
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    return batch
-
-
 def export_model(model: nn.Module, path: Union[str, os.PathLike], fmt: str = "onnx", img_size: int = 224,
                  in_chans: int = 3, batch: int = 2, exporter: str = "dynamo") -> ExportReport:
     """Write ``model`` (eval mode, CPU) to ``path`` as ``fmt`` with a dynamic batch axis, then check the file."""
@@ -45,8 +39,10 @@ def export_model(model: nn.Module, path: Union[str, os.PathLike], fmt: str = "on
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     if img_size < 1:
         raise ValueError(f"img_size must be >= 1, got {img_size}")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     model = model.eval().cpu()
-    x = torch.randn(_check_batch(batch), in_chans, img_size, img_size)
+    x = torch.randn(batch, in_chans, img_size, img_size)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=path.suffix or f".{fmt}", dir=path.parent)  # written whole, then renamed
