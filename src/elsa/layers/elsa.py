@@ -51,6 +51,12 @@ def _fusable(h: Tensor, conv: nn.Conv2d, act: nn.Module) -> bool:
 _HAS_FUSED_CONV = hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
+def _pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A 1x1 ``conv`` (official parameter layout, kept for the checkpoints) applied as a matmul to channels-last
+    pixels x (..., C_in) -> (..., C_out)."""
+    return F.linear(x, conv.weight.reshape(conv.out_channels, conv.in_channels), conv.bias)
+
+
 class ELSA(nn.Module):
     """Enhanced local self-attention.
 
@@ -167,13 +173,12 @@ class ELSA(nn.Module):
         if self.stride > 1:
             h = F.avg_pool2d(h, self.stride)
         h = self._conv_gelu(h)
-        # the 1x1 conv as a matmul over channels-last pixels: the logits come out with the K*K neighbours of each
-        # head contiguous, which is how the compiled CPU kernel reads them (no reshaping copy)
+        # the logits come out with the K*K neighbours of each head contiguous, which is how the compiled CPU kernel
+        # reads them (no reshaping copy)
         conv = self.attn[2]
         if conv.groups != 1:
             return conv(h)
-        weight = conv.weight.reshape(conv.out_channels, conv.in_channels)
-        return F.linear(h.permute(0, 2, 3, 1), weight, conv.bias).permute(0, 3, 1, 2)
+        return _pointwise(conv, h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def _conv_gelu(self, h: Tensor) -> Tensor:
         """GELU(grouped K x K conv(h)). In CPU inference through oneDNN's convolution with the GELU fused in (the
@@ -187,11 +192,10 @@ class ELSA(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, H, W, C) -> (B, H // stride, W // stride, C)."""
-        # The 1x1 projection as a matmul over channels-last pixels; q, k and v stay strided views of its output,
-        # and the head-aware operator reads v and the logits through their strides and writes channels-last: no
-        # layout copy between the projections (ELSA-Swin-T's forward made 112 such copies).
-        weight = self.pre_proj.weight.reshape(self.pre_proj.out_channels, self.pre_proj.in_channels)
-        qkv = F.linear(x, weight, self.pre_proj.bias).permute(0, 3, 1, 2)
+        # q, k and v stay strided views of the projection's channels-last output, and the head-aware operator reads
+        # v and the logits through their strides and writes channels-last: no layout copy between the projections
+        # (ELSA-Swin-T's forward asked for 43 copies before, 3 now: benchmarks/copy_count.py).
+        qkv = _pointwise(self.pre_proj, x).permute(0, 3, 1, 2)
         q, k, v = qkv.split((self.dim_qk, self.dim_qk, self.dim_v), dim=1)
         logits = self._logits(q, k)
         # under autocast v is half precision while the ghost parameters stay float32: the op wants one dtype
