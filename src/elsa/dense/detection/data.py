@@ -13,7 +13,6 @@ Cleaning (counted in ``CocoInstances.stats``, never a crash), following mmdet's 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ...data.folder import SAMPLE_ERRORS, DatasetError
+from .annotations import check_annotation, check_image, is_int, load_coco_json, summary_lines
 from ...data.image import open_rgb
 from torch import Tensor
 
@@ -64,13 +64,7 @@ class CocoInstances(torch.utils.data.Dataset):
                  transforms: Optional[Callable] = None, filter_empty: Optional[bool] = None,
                  check_files: bool = True, min_size: int = 32) -> None:
         self.ann_file, self.img_dir = Path(ann_file), Path(img_dir)
-        if not self.ann_file.is_file():
-            raise FileNotFoundError(f"ann_file {self.ann_file} does not exist")
-        with open(self.ann_file) as f:
-            data = json.load(f)
-        for key in ("images", "annotations", "categories"):
-            if key not in data:
-                raise ValueError(f"ann_file {self.ann_file}: not COCO instances format (no {key!r} list)")
+        data = load_coco_json(self.ann_file)
         self.train = train
         self.transforms = transforms
         self.categories = sorted(data["categories"], key=lambda c: c["id"])
@@ -78,19 +72,35 @@ class CocoInstances(torch.utils.data.Dataset):
         self.classes = [c["name"] for c in self.categories]
         self.cat_to_label = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}
         self.stats: Counter = Counter()
-        anns_by_image: Dict[int, List[dict]] = {}
-        for a in data["annotations"]:
-            anns_by_image.setdefault(a["image_id"], []).append(a)
-        filter_empty = train if filter_empty is None else filter_empty
-        self.items: List[Tuple[dict, List[dict]]] = []
+        self.examples: Dict[str, object] = {}  # reason -> first record left out for it (named in the log)
+        images: Dict[int, dict] = {}
         for info in data["images"]:
             self.stats["images_total"] += 1
+            if not check_image(info):
+                self._drop("images_bad_entry", info)
+            elif info["id"] in images:
+                self._drop("images_duplicate_id", info)
+            else:
+                images[info["id"]] = info
+        anns_by_image: Dict[int, List[dict]] = {}
+        self.gt_annotations: List[dict] = []  # the well-formed records: the ground truth of evaluate()
+        for a in data["annotations"]:
+            reason, checked = check_annotation(a, images)
+            if reason is not None:
+                self.stats["anns_total"] += 1
+                self._drop(reason, a)
+                continue
+            anns_by_image.setdefault(checked["image_id"], []).append(checked)
+            self.gt_annotations.append(checked)
+        filter_empty = train if filter_empty is None else filter_empty
+        self.items: List[Tuple[dict, List[dict]]] = []
+        for info in images.values():
             if check_files and not (self.img_dir / info["file_name"]).is_file():
                 _logger.warning("image file missing, skipped: %s", self.img_dir / info["file_name"])
                 self.stats["images_missing"] += 1
                 continue
             raw = anns_by_image.get(info["id"], [])
-            if filter_empty and not any(a.get("category_id") in self.cat_to_label for a in raw):
+            if filter_empty and not any(self._label(a) for a in raw):
                 self.stats["images_empty_skipped"] += 1
                 continue
             if train and min(info["width"], info["height"]) < min_size:
@@ -100,43 +110,75 @@ class CocoInstances(torch.utils.data.Dataset):
             if not anns:
                 self.stats["images_without_instances"] += 1
             self.items.append((info, anns))
+        self.images = [info for info, _ in self.items]
+        for line in summary_lines(self.stats, self.examples, self.ann_file):
+            _logger.warning(line)
         counts = ", ".join(f"{k}={v}" for k, v in sorted(self.stats.items()))
         if not self.items:  # stop here, with the reasons, rather than start a run that cannot make one step
             raise DatasetError(f"ann_file {self.ann_file}: no usable image ({counts or 'no images listed'})")
         _logger.info("%s: %d images used; %s", self.ann_file.name, len(self.items), counts)
 
+    def _drop(self, reason: str, record: object) -> None:
+        self.stats[reason] += 1
+        self.examples.setdefault(reason, record)
+
+    def _label(self, a: dict) -> int:
+        """Label 1..K of a checked record, 0 for a category id not in ``categories``."""
+        cid = a.get("category_id")
+        return self.cat_to_label.get(cid, 0) if is_int(cid) else 0
+
     def _clean(self, info: dict, anns: List[dict]) -> List[dict]:
+        """mmdet's geometric rules on well-formed records (see the module docstring)."""
         w, h = float(info["width"]), float(info["height"])
         out = []
         for a in anns:
             self.stats["anns_total"] += 1
-            if a.get("iscrowd", 0):
+            if a.get("ignore", False):  # mmdet skips these first
+                self._drop("anns_ignore_flag", a)
+                continue
+            if a["iscrowd"]:
                 self.stats["anns_crowd"] += 1
                 if self.train:
                     continue
-            if a.get("category_id") not in self.cat_to_label:
+            label = self._label(a)
+            if not label:
                 self.stats["anns_bad_category"] += 1
                 continue
-            x, y, bw, bh = (float(v) for v in a["bbox"])
+            x, y, bw, bh = a["bbox"]
             if max(0.0, min(x + bw, w) - max(x, 0.0)) * max(0.0, min(y + bh, h) - max(y, 0.0)) == 0:
                 self.stats["anns_outside_image"] += 1
                 continue
             if bw < 1 or bh < 1 or a.get("area", bw * bh) <= 0:
                 self.stats["anns_degenerate_box"] += 1
                 continue
-            seg = a.get("segmentation")
+            seg = a["segmentation"]
             if isinstance(seg, list):
                 polys = [p for p in seg if len(p) >= 6 and len(p) % 2 == 0 and _polygon_area(p) > 0]
                 if len(polys) < len(seg):
                     self.stats["polygons_degenerate"] += len(seg) - len(polys)
                 seg = polys or None
-            elif not isinstance(seg, dict):
-                seg = None
             if seg is None:
                 self.stats["anns_no_valid_mask"] += 1  # kept with an empty mask, as its box is valid
-            out.append({"box": [x, y, x + bw, y + bh], "label": self.cat_to_label[a["category_id"]],
-                        "segmentation": seg, "iscrowd": int(a.get("iscrowd", 0))})
+            out.append({"box": [x, y, x + bw, y + bh], "label": label, "segmentation": seg,
+                        "iscrowd": a["iscrowd"]})
         return out
+
+    def coco_gt(self):
+        """A pycocotools COCO object of the well-formed records, so evaluation never parses a malformed one. A record
+        without a usable mask part (pycocotools would fail on it in "segm") gets its box as its mask."""
+        from .evaluation import coco_from_dict
+
+        anns = []
+        for i, a in enumerate(self.gt_annotations):
+            x, y, bw, bh = a["bbox"]
+            seg = a["segmentation"]
+            if isinstance(seg, list):
+                seg = [p for p in seg if len(p) >= 6 and len(p) % 2 == 0] or None
+            if seg is None:
+                seg = [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]
+            anns.append(dict(a, id=a["id"] if is_int(a.get("id")) else -(i + 1), segmentation=seg,
+                             area=float(a.get("area", bw * bh))))
+        return coco_from_dict({"images": self.images, "annotations": anns, "categories": self.categories})
 
     def __len__(self) -> int:
         return len(self.items)
@@ -158,7 +200,9 @@ class CocoInstances(torch.utils.data.Dataset):
                 rle = mask_utils.frPyObjects(seg, h, w)
             else:
                 rle = seg
-            masks[i] = mask_utils.decode(rle)
+            m = mask_utils.decode(rle)  # an RLE has the JSON's image size (checked); the file may differ
+            masks[i] = m if m.shape == (h, w) else F.interpolate(
+                torch.from_numpy(m)[None, None].float(), size=(h, w), mode="nearest")[0, 0].to(torch.uint8).numpy()
         return torch.from_numpy(masks)
 
     def filename(self, index: int) -> str:

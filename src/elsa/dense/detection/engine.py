@@ -23,7 +23,7 @@ from ...io import atomic_write_text
 from ..recipes_det import DetRecipe
 from ...data.folder import SkipUnreadable
 from .data import AspectRatioBatchSampler, CocoInstances, ImagesOrNone, collate, collate_skip
-from .evaluation import CocoEvaluator, load_coco
+from .evaluation import CocoEvaluator
 
 _logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def predict_dataset(model: nn.Module, dataset: CocoInstances, device: Optional[t
     device = device or next(model.parameters()).device
     subset = ImagesOrNone(torch.utils.data.Subset(dataset, runtime.shard(len(dataset))))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=0)
-    evaluator = CocoEvaluator(load_coco(str(dataset.ann_file)), dataset.cat_ids)
+    evaluator = CocoEvaluator(dataset.coco_gt(), dataset.cat_ids)
     net = unwrap_model(model)
     net.eval()
     for images, targets in tqdm(loader, disable=not progress or not runtime.is_main, desc="det eval",

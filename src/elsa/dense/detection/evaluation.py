@@ -29,6 +29,17 @@ def load_coco(ann_file: str):
         return COCO(str(ann_file))
 
 
+def coco_from_dict(dataset: dict):
+    """A pycocotools COCO object over an in-memory dataset (the records ``CocoInstances`` checked)."""
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
 def to_coco_results(image_id: int, pred: Dict[str, Tensor], label_to_cat: Sequence[int],
                     mask_thresh: float = 0.5) -> List[dict]:
     """One image's predictions -> COCO result dicts. pred: boxes (N, 4) xyxy, labels (N,) in 1..K, scores (N,),
