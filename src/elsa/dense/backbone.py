@@ -14,7 +14,7 @@ from typing import List, Sequence, Union
 import torch.nn as nn
 from torch import Tensor
 
-from ..checkpoint import LoadReport, fit_state_dict, read_state_dict, unwrap_state_dict
+from ..checkpoint import CheckpointError, LoadReport, fit_state_dict, read_checkpoint, unwrap_state_dict
 from ..models.elsa_swin import MODEL_ARGS, ELSASwin
 
 _logger = logging.getLogger(__name__)
@@ -99,18 +99,34 @@ class ELSASwinBackbone(ELSASwin):
                 break
         return outs
 
-    def load_pretrained(self, path: Union[str, os.PathLike], use_ema: bool = False) -> LoadReport:
+    def load_pretrained(self, path: Union[str, os.PathLike], use_ema: bool = False,
+                        what: str = "--pretrained file") -> LoadReport:
         """Initialise from a classification checkpoint (official or ours) or a detection/segmentation checkpoint
         (keys under ``backbone.``). Returns (and logs) which backbone tensors were not in the file and which file
-        tensors were not used (the classifier's head and final norm, a detector's neck and heads)."""
-        state_dict = unwrap_state_dict(read_state_dict(path), use_ema=use_ema)
+        tensors were not used (the classifier's head and final norm, a detector's neck and heads). A file with
+        none of the backbone's weights (another model's) or with other shapes (another size) raises, naming
+        ``what`` and the file."""
+        raw = read_checkpoint(path, what)
+        try:
+            state_dict = unwrap_state_dict(raw, use_ema=use_ema)
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise CheckpointError(f"{what} {str(path)!r} holds no state dict ({err})") from None
+        if not isinstance(state_dict, dict):
+            raise CheckpointError(f"{what} {str(path)!r} holds no state dict")
         if any(k.startswith("backbone.") for k in state_dict):
             state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
         state_dict = {k: v for k, v in state_dict.items() if not k.endswith("attn_mask")}
         pos = state_dict.get("absolute_pos_embed")
         if pos is not None and pos.dim() == 3 and self.absolute_pos_embed is not None:
             state_dict["absolute_pos_embed"] = self._pos_embed_map(pos)  # a classifier's (1, patches, C)
-        report = fit_state_dict(self, state_dict, strict=False)
+        own = self.state_dict()
+        if not any(k in own for k in state_dict):
+            raise CheckpointError(f"{what} {str(path)!r} holds none of the {type(self).__name__} weights (e.g. "
+                                  f"{next(iter(own))}); is it another model's checkpoint?")
+        try:
+            report = fit_state_dict(self, state_dict, strict=False)
+        except CheckpointError as err:
+            raise CheckpointError(f"{what} {str(path)!r} is for another backbone size: {err}") from None
         _logger.info("backbone loaded from %s; not in file: %s; unused: %s", path,
                      report.missing or "none", report.unexpected or "none")
         return report

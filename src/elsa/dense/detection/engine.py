@@ -20,6 +20,7 @@ from ...engine import (CheckpointHook, EvalHook, JsonlLogHook, ProgressHook, Run
                        init_runtime, seed_worker, unwrap_model)
 from ...engine.optim import linear_warmup, param_groups
 from ...io import atomic_write_text
+from ..checks import check_resume_fits
 from ..recipes_det import DetRecipe
 from ...data.folder import SkipUnreadable
 from .data import AspectRatioBatchSampler, CocoInstances, ImagesOrNone, collate, collate_skip
@@ -89,7 +90,9 @@ def train(model: nn.Module, recipe: DetRecipe, train_set: CocoInstances, output:
     if resume:
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        state.load_state_dict(load_training_checkpoint(ckpt_path, command="elsa det train"), runtime)
+        ckpt = load_training_checkpoint(ckpt_path, command="elsa det train")
+        check_resume_fits(ckpt, model, ckpt_path, recipe.name)
+        state.load_state_dict(ckpt, runtime)
         _logger.info("resumed from %s at epoch %d, iteration %d", ckpt_path, state.epoch, state.iteration)
 
     def step(m: nn.Module, batch) -> StepOutput:

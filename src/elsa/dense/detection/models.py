@@ -123,7 +123,7 @@ def rescaled_size(h: int, w: int, short: int, long: int) -> Tuple[int, int]:
     """(new_h, new_w) of mmcv.imrescale(img, (long, short)): half-up rounding of side * min(short / min(h, w),
     long / max(h, w))."""
     scale = min(short / min(h, w), long / max(h, w))
-    return int(h * scale + 0.5), int(w * scale + 0.5)
+    return max(int(h * scale + 0.5), 1), max(int(w * scale + 0.5), 1)  # >= 1: a 4000x3 image still has a row
 
 
 class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):

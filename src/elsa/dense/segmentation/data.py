@@ -102,6 +102,15 @@ def load_pair(img_path: Path, ann_path: Optional[Path]) -> Tuple[np.ndarray, Opt
     return img, label
 
 
+def check_labels(raw: np.ndarray, reduced: np.ndarray, num_classes: int, ann_path: Path) -> None:
+    """ValueError naming ``ann_path`` if a reduced label is neither a class (< num_classes) nor ignored."""
+    bad = (reduced != IGNORE_INDEX) & (reduced >= num_classes)
+    if bad.any():
+        values = np.unique(raw[bad])
+        raise ValueError(f"annotation {ann_path} has labels {values[:5].tolist()} ({int(bad.sum())} pixels) outside "
+                         f"1..{num_classes} (0 and 255 mean ignore; the model has {num_classes} classes)")
+
+
 # -------------------------------------------------------------------------------------------------------- transforms
 def resize_image(img: np.ndarray, size_hw: Tuple[int, int]) -> np.ndarray:
     """Bilinear resize (half-pixel centres, no antialias, as OpenCV's INTER_LINEAR used by mmcv), uint8 -> uint8."""
@@ -249,10 +258,13 @@ class ADE20KDataset(torch.utils.data.Dataset):
     normalised full-size image (3, H, W) and the reduced label (H, W) for evaluation. An unreadable image or
     annotation raises (OSError/ValueError): training wraps the set in ``elsa.data.SkipUnreadable`` (replaced, warned
     once, counted), evaluation skips and counts it. Images without an annotation are left out at scan time and
-    listed in ``skipped``."""
+    listed in ``skipped``. With ``num_classes`` K, an annotation holding a raw label above K (other than 255) raises
+    a ValueError naming the file: mmseg's ``reduce_zero_label`` does not map such labels to "ignore" (it crashes in
+    the loss and leaves them out of the metrics unsaid), so neither training nor evaluation may use it."""
 
     def __init__(self, root: Union[str, os.PathLike], split: str = "training",
-                 transform: Optional[TrainTransform] = None) -> None:
+                 transform: Optional[TrainTransform] = None, num_classes: Optional[int] = None) -> None:
+        self.num_classes = num_classes
         self.ade_dir = resolve_ade_root(root)
         self.split = split
         self.pairs, self.skipped = scan_split(self.ade_dir, split)
@@ -270,6 +282,8 @@ class ADE20KDataset(torch.utils.data.Dataset):
         img_path, ann_path = self.pairs[index]
         img, raw = load_pair(img_path, ann_path)
         label = reduce_zero_label(raw)
+        if self.num_classes is not None:
+            check_labels(raw, label, self.num_classes, ann_path)
         if self.transform is not None:
             x, y = self.transform(img, label)
         else:

@@ -22,6 +22,7 @@ from ...engine import (CheckpointHook, EvalHook, JsonlLogHook, ProgressHook, Run
 from ...data.folder import SAMPLE_ERRORS, SkipUnreadable
 from ...engine.optim import linear_warmup, param_groups
 from ...io import atomic_write_text
+from ..checks import check_resume_fits
 from .ade20k_meta import ADE20K_CLASSES
 from .data import ADE20KDataset, TrainTransform, collate_skip
 from .metrics import SegEvaluator
@@ -97,6 +98,7 @@ def evaluate(model: nn.Module, dataset: ADE20KDataset, recipe: SegRecipe, mode: 
     evaluator = SegEvaluator(recipe.num_classes, class_names=names)
     indices = list(range(info.rank, len(dataset), info.world_size))
     skipped = 0
+    first_error = ""
     iterator = indices
     if progress and info.is_main:
         from tqdm import tqdm
@@ -106,8 +108,9 @@ def evaluate(model: nn.Module, dataset: ADE20KDataset, recipe: SegRecipe, mode: 
         try:
             item = dataset[i]
         except SAMPLE_ERRORS as exc:  # PIL raises these on truncated/corrupt files
-            _logger.warning("skipping unreadable sample %s: %s", dataset.filename(i), exc)
+            _logger.warning("left out of the evaluation: %s: %s", dataset.filename(i), exc)
             skipped += 1
+            first_error = first_error or f"{dataset.filename(i)}: {exc}"
             continue
         img = item["img"][None].to(device)
         probs = predict_probs(net, img, img_scale=recipe.img_scale, crop_size=recipe.slide_crop,
@@ -119,7 +122,10 @@ def evaluate(model: nn.Module, dataset: ADE20KDataset, recipe: SegRecipe, mode: 
         skipped, evaluator.num_images = int(skipped), int(num_images)
     net.train(was_training)
     result = evaluator.summary()
-    result.update(mode=mode, skipped=skipped + len(dataset.skipped), seconds=time.time() - t0)
+    if dataset.skipped and not first_error:
+        first_error = f"{dataset.skipped[0].path}: {dataset.skipped[0].reason}"
+    result.update(mode=mode, skipped=skipped + len(dataset.skipped), first_skipped=first_error,
+                  labelled_pixels=float(evaluator.area_label.sum()), seconds=time.time() - t0)
     return result
 
 
@@ -166,9 +172,9 @@ def train(recipe: SegRecipe, data_root, output: Path, pretrained: Optional[str] 
 
     train_set = ADE20KDataset(data_root, "training", TrainTransform(
         recipe.img_scale, recipe.ratio_range, recipe.crop_size, recipe.cat_max_ratio, recipe.flip_prob,
-        seed=seed + 1000 * runtime.rank))
+        seed=seed + 1000 * runtime.rank), num_classes=recipe.num_classes)
     try:
-        val_set: Optional[ADE20KDataset] = ADE20KDataset(data_root, "validation")
+        val_set: Optional[ADE20KDataset] = ADE20KDataset(data_root, "validation", num_classes=recipe.num_classes)
     except FileNotFoundError as exc:
         _logger.warning("no validation split, training without evaluation: %s", exc)
         val_set = None
@@ -185,8 +191,9 @@ def train(recipe: SegRecipe, data_root, output: Path, pretrained: Optional[str] 
     if resume:
         if not latest.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint {latest}")
-        state.load_state_dict(load_training_checkpoint(latest, command="elsa seg train",
-                                                       required=("model", "optimizer", "iteration")), runtime)
+        ckpt = load_training_checkpoint(latest, command="elsa seg train", required=("model", "optimizer", "iteration"))
+        check_resume_fits(ckpt, model, latest, recipe.name)
+        state.load_state_dict(ckpt, runtime)
         if runtime.is_main:
             _logger.info("resumed from %s at iteration %d", latest, state.iteration)
 

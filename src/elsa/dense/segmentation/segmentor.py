@@ -108,7 +108,7 @@ def rescale_size(size_hw: Tuple[int, int], scale: Tuple[int, int]) -> Tuple[int,
     """mmcv.imrescale's output (h, w): scale so the long side fits max(scale) and the short side min(scale)."""
     h, w = size_hw
     factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
-    return int(h * factor + 0.5), int(w * factor + 0.5)
+    return max(int(h * factor + 0.5), 1), max(int(w * factor + 0.5), 1)  # >= 1: a 4000x3 image keeps a row
 
 
 @torch.no_grad()
