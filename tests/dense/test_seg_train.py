@@ -73,9 +73,15 @@ def test_seg_test_slide_and_predict(trained, tmp_path, capsys):
     assert slide["mIoU"] > 0.55 and abs(slide["mIoU"] - whole["mIoU"]) < 0.15
     img = root / "ADEChallengeData2016" / "images" / "validation" / "ADE_valid_00000000.jpg"
     png = tmp_path / "pred.png"
-    assert cli(["predict", str(img), *SMALL, "--checkpoint", str(out / "latest.pth"), "--out", str(png)]) == 0
+    assert cli(["predict", str(img), *SMALL, "--checkpoint", str(out / "latest.pth"), "--out", str(png),
+                "--no-legend"]) == 0
     overlay = np.asarray(Image.open(png))
     assert overlay.shape == np.asarray(Image.open(img)).shape
+    # by default a legend panel of the classes present sits right of the unchanged overlay
+    assert cli(["predict", str(img), *SMALL, "--checkpoint", str(out / "latest.pth"), "--out", str(png)]) == 0
+    with_legend = np.asarray(Image.open(png))
+    assert with_legend.shape[1] > overlay.shape[1] and with_legend.shape[0] >= overlay.shape[0]
+    assert (with_legend[:overlay.shape[0], :overlay.shape[1]] == overlay).all()
     assert cli(["predict", str(img), *SMALL, "--checkpoint", str(out / "latest.pth"),
                 "--out", str(tmp_path / "x.jpg")]) == 2          # not a PNG: clear error, no crash
 

@@ -262,8 +262,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                                               "skipped (exit code 2 at the end)")
     p.add_argument("--checkpoint", required=True, help="an `elsa det train` checkpoint, or an official mmdet one "
                                                        "with --recipe")
-    p.add_argument("--out", required=True, help="output PNG (one IMAGE) or folder (several: FOLDER/NAME.png); "
-                                                "images under 200 px a side are drawn enlarged so labels fit")
+    p.add_argument("--out", required=True, help="output PNG (one IMAGE) or folder (several: FOLDER/NAME.png)")
     p.add_argument("--json", default=None, help="also write the detections as JSON (several images: by file)")
     p.add_argument("--score-thr", type=probability, default=0.3, help="draw detections scoring at least this "
                                                                       "(0..1, default 0.3)")

@@ -1,7 +1,6 @@
 """Drawing detections over an image (``elsa det predict``): one colour per class, labels kept inside the picture."""
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -13,7 +12,6 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120),
            (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148), (247, 182, 210), (199, 199, 199),
            (219, 219, 141), (158, 218, 229)]
-MIN_SIDE = 200  # smaller images are drawn enlarged (nearest), so a label fits
 
 
 def class_colour(label: int) -> tuple:
@@ -23,9 +21,10 @@ def class_colour(label: int) -> tuple:
 
 def draw_detections(image: Tensor, boxes: Tensor, labels: Tensor, texts: Sequence[str],
                     masks: Optional[Tensor] = None) -> np.ndarray:
-    """(H', W', 3) uint8: ``image`` (3, H, W) uint8 with ``masks`` (N, H, W) bool blended and ``boxes`` (N, 4)
-    xyxy outlined in their class colour, each with its text on a filled tag placed inside the picture. Images
-    with a side under MIN_SIDE are enlarged by an integer factor first (H' = H * factor)."""
+    """(H, W, 3) uint8: ``image`` (3, H, W) uint8 with ``masks`` (N, H, W) bool blended and ``boxes`` (N, 4)
+    xyxy outlined in their class colour, each with its text on a filled tag placed inside the picture (above the
+    box when there is room, else inside it; shifted left at the right edge). The drawing keeps the image's size,
+    so it lines up pixel for pixel with the input."""
     from PIL import Image, ImageDraw, ImageFont
     from torchvision.utils import draw_segmentation_masks
 
@@ -33,14 +32,11 @@ def draw_detections(image: Tensor, boxes: Tensor, labels: Tensor, texts: Sequenc
     canvas = image
     if masks is not None and len(masks):
         canvas = draw_segmentation_masks(canvas, masks, alpha=0.45, colors=colours)
-    factor = max(1, math.ceil(MIN_SIDE / max(1, min(image.shape[-2:]))))
     pil = Image.fromarray(canvas.permute(1, 2, 0).numpy())
-    if factor > 1:
-        pil = pil.resize((pil.width * factor, pil.height * factor), Image.NEAREST)
     draw = ImageDraw.Draw(pil)
     font = ImageFont.load_default()
     width, height = pil.size
-    for box, colour, text in zip((boxes * factor).tolist(), colours, texts):
+    for box, colour, text in zip(boxes.tolist(), colours, texts):
         x0, y0, x1, y1 = box
         draw.rectangle([x0, y0, x1, y1], outline=colour, width=2)
         l, t, r, b = draw.textbbox((0, 0), text, font=font)
