@@ -175,11 +175,17 @@ def run_train(args: argparse.Namespace) -> int:
                           workers=args.workers, seed=args.seed, eval_mode=args.eval_mode, device=args.device,
                           grad_checkpointing=args.grad_checkpointing)
     if "mIoU" in result and result["rank"] == 0:  # the runtime's rank: rank 0 alone reports
+        if not result.get("num_images"):
+            raise DatasetError(f"--data {args.data}: none of the validation images could be evaluated (first: "
+                               f"{result.get('first_skipped')}); the checkpoint is in {args.output}")
         if not result.get("labelled_pixels"):
             raise DatasetError(f"--data {args.data}: the validation images have no labelled pixel (every label is "
                                f"0 or 255, both ignored): mIoU is not computable; the checkpoint is in {args.output}")
         print(f"final: mIoU {100 * result['mIoU']:.2f}  aAcc {100 * result['aAcc']:.2f}  "
               f"mAcc {100 * result['mAcc']:.2f}")
+        if result.get("skipped"):  # the numbers above leave these out: say so
+            print(f"elsa seg train: warning: {result['skipped']} validation images were left out of these metrics "
+                  f"(first: {result['first_skipped']})", file=sys.stderr)
     return 0
 
 
