@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import numpy as np
-import torch
 from torch import Tensor
 
 # 20 well-separated colours (matplotlib's tab20 order, dark then light), cycled for more classes

@@ -29,8 +29,8 @@ def add_legend(overlay: np.ndarray, pred: np.ndarray, num_classes: int,
     order = np.argsort(-counts)[:max_entries]
     font = ImageFont.load_default()
     row, pad, swatch = 14, 4, 10
-    labels = [f"{names[int(classes[i])] if names else 'class ' + str(int(classes[i]))}: {100 * counts[i] / pred.size:.1f}%"
-              for i in order]
+    labels = [f"{names[int(classes[i])] if names else f'class {int(classes[i])}'}: "
+              f"{100 * counts[i] / pred.size:.1f}%" for i in order]
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_w = max(int(probe.textlength(t, font=font)) for t in labels)
     h, w = overlay.shape[:2]
