@@ -273,6 +273,19 @@ def test_det_predict_reports_bad_images_and_draws_the_others(det_run, coco, tmp_
     assert set(json.loads((tmp_path / "d.json").read_text())) == {str(good), str(wide)}
 
 
+def test_det_test_with_an_unreadable_image_scores_the_rest_and_exits_2(det_run, coco, tmp_path, capsys):
+    _, out = det_run
+    import shutil
+
+    root = tmp_path / "coco"
+    shutil.copytree(coco, root)
+    (root / "val2017" / "000000000002.png").write_bytes(b"truncated")
+    rc, printed, err = run(capsys, "det", "test", "--checkpoint", out / "last.pth", "--data", root, "--out",
+                           tmp_path / "m.json", "--no-progress")
+    assert_user_error(rc, err, "1 of 2 images could not be read")
+    assert json.loads((tmp_path / "m.json").read_text())["bbox"]["AP"] >= 0 and "| bbox |" in printed
+
+
 def test_det_drawing_colours_classes_and_keeps_labels_inside():
     from elsa.dense.detection.draw import class_colour, draw_detections
 

@@ -115,7 +115,8 @@ def _load_model(args: argparse.Namespace):
 
 def cmd_test(args: argparse.Namespace) -> int:
     from elsa.dense.detection.data import CocoInstances, coco_paths
-    from elsa.dense.detection.engine import evaluate
+    from elsa.data.folder import DatasetError
+    from elsa.dense.detection.engine import predict_dataset
     from elsa.engine import init_runtime
     from elsa.io import atomic_write_text
 
@@ -125,12 +126,16 @@ def cmd_test(args: argparse.Namespace) -> int:
     model.to(runtime.device)
     ann, img = coco_paths(args.data, args.split) if not (args.ann and args.images) else (args.ann, args.images)
     dataset = CocoInstances(args.ann or ann, args.images or img, train=False)
-    metrics = evaluate(model, dataset, recipe, progress=not args.no_progress, runtime=runtime)
+    evaluator = predict_dataset(model, dataset, progress=not args.no_progress, runtime=runtime)
+    metrics = evaluator.summarize()
     if runtime.is_main:
         _print_metrics(metrics)
         out = Path(args.out or Path(args.checkpoint).with_suffix(".metrics.json"))
         atomic_write_text(out, json.dumps(metrics, indent=2))
         print(f"metrics written to {out}")
+        if evaluator.unreadable:  # the numbers above leave these images out: say so, and fail
+            raise DatasetError(f"{evaluator.unreadable} of {len(dataset)} images could not be read and were left "
+                               f"out of the metrics above (named in the warnings); results in {out}")
     return 0
 
 

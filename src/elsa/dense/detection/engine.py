@@ -140,6 +140,7 @@ def predict_dataset(model: nn.Module, dataset: CocoInstances, device: Optional[t
         evaluator.update([int(t["image_id"]) for t in targets], [{k: v.cpu() for k, v in p.items()} for p in preds])
     if subset.unreadable:
         _logger.warning("det eval: %d unreadable image(s) left out", subset.unreadable)
+    evaluator.unreadable = subset.unreadable  # this rank's count, for the CLI's exit code
     evaluator.gather()
     return evaluator
 

@@ -109,6 +109,7 @@ class CocoEvaluator:
         self.mask_thresh = mask_thresh
         self.results: List[dict] = []
         self.image_ids: List[int] = []
+        self.unreadable = 0  # images the caller could not read (left out of the results)
 
     def update(self, image_ids: Sequence[int], preds: Sequence[Dict[str, Tensor]]) -> None:
         for image_id, pred in zip(image_ids, preds):
