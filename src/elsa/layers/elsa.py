@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_module, trunc_normal_
 from torch import Tensor
 
 from ..ops import elsa_aggregate, elsa_softmax_aggregate
@@ -57,6 +57,25 @@ def _pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return F.linear(x, conv.weight.reshape(conv.out_channels, conv.in_channels), conv.bias)
 
 
+def _ghost_to_file_layout(module: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict hook: the ghost pair (2, C, K, K) is written in the official (2, 1, C, K, K) layout."""
+    key = prefix + "ghost_head"
+    t = state_dict.get(key)
+    if t is not None and t.dim() == 4 and t.shape[0] == 2:
+        state_dict[key] = t.unsqueeze(1)
+
+
+def _ghost_from_file_layout(module: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load pre-hook: an official (2, 1, C, K, K) ghost pair is read into the (2, C, K, K) parameter."""
+    key = prefix + "ghost_head"
+    t = state_dict.get(key)
+    if t is not None and t.dim() == 5 and t.shape[1] == 1:
+        state_dict[key] = t.squeeze(1)
+
+
+# A leaf for torch.fx (timm's feature extraction): the operator checks its arguments and picks a kernel from the
+# tensors' devices and sizes, which symbolic proxies cannot answer.
+@register_notrace_module
 class ELSA(nn.Module):
     """Enhanced local self-attention.
 
@@ -77,6 +96,7 @@ class ELSA(nn.Module):
         groups: groups of the 1x1 conv producing the K*K*G attention logits.
         lam, gamma: ghost-head exponents/scales: filter = m ** lam * attn + d * gamma; 0 disables that ghost.
         backend: force an ``elsa_aggregate`` backend (None: automatic).
+        device, dtype: where and in which dtype the parameters are created (timm's factory arguments).
         kwargs: only the official window-stage keywords (``window_size``, ``shift_size``, ``input_resolution``),
             which the official layer also ignores.
     """
@@ -100,10 +120,13 @@ class ELSA(nn.Module):
         gamma: float = 1.0,
         *,
         backend: Optional[str] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         _check_ignored(type(self).__name__, kwargs)
+        dd = dict(device=device, dtype=dtype)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size}")
         if stride < 1 or dilation < 1:
@@ -123,24 +146,30 @@ class ELSA(nn.Module):
         self.scale = qk_scale or (self.dim_v // num_heads) ** -0.5
         self.backend = backend
 
-        self.pre_proj = nn.Conv2d(dim, self.dim_qk * 2 + self.dim_v, 1, bias=qkv_bias)
+        self.pre_proj = nn.Conv2d(dim, self.dim_qk * 2 + self.dim_v, 1, bias=qkv_bias, **dd)
         self.attn = nn.Sequential(
             nn.Conv2d(self.dim_qk, self.dim_qk, kernel_size, padding=kernel_size // 2 * dilation,
-                      dilation=dilation, groups=self.dim_qk // group_width),
+                      dilation=dilation, groups=self.dim_qk // group_width, **dd),
             nn.GELU(),
-            nn.Conv2d(self.dim_qk, kernel_size * kernel_size * num_heads, 1, groups=groups),
+            nn.Conv2d(self.dim_qk, kernel_size * kernel_size * num_heads, 1, groups=groups, **dd),
         )
-        self.ghost_head = self._init_ghost_head()
+        self.ghost_head = self._init_ghost_head(**dd)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.post_proj = nn.Linear(self.dim_v, dim)
+        self.post_proj = nn.Linear(self.dim_v, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
+        self._register_state_dict_hook(_ghost_to_file_layout)  # the public name needs torch 2.5
+        self.register_load_state_dict_pre_hook(_ghost_from_file_layout)
 
-    def _init_ghost_head(self) -> Optional[nn.Parameter]:
+    def _init_ghost_head(self, device: Optional[torch.device] = None,
+                         dtype: Optional[torch.dtype] = None) -> Optional[nn.Parameter]:
+        """Both ghosts are held as one (2, C, K, K) parameter ([0] = m, [1] = d), a single one as (1, C, K, K).
+        The official file layout of the pair is (2, 1, C, K, K); the state-dict hooks below convert, so that the
+        parameter stays 4-D and ``model.to(memory_format=torch.channels_last)`` accepts it."""
         shape = (1, self.dim_v, self.kernel_size, self.kernel_size)
-        mul = torch.randn(shape) if self.lam != 0 else None
-        add = trunc_normal_(torch.zeros(shape), std=0.02) if self.gamma != 0 else None
+        mul = torch.randn(shape, device=device, dtype=dtype) if self.lam != 0 else None
+        add = trunc_normal_(torch.zeros(shape, device=device, dtype=dtype), std=0.02) if self.gamma != 0 else None
         if mul is not None and add is not None:
-            return nn.Parameter(torch.stack((mul, add)))  # (2, 1, C, K, K): [0] = m, [1] = d
+            return nn.Parameter(torch.cat((mul, add)))
         if mul is not None or add is not None:
             return nn.Parameter(mul if mul is not None else add)
         return None
@@ -252,19 +281,22 @@ class ELSABlock(nn.Module):
         groups: int = 1,
         *,
         backend: Optional[str] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         _check_ignored(type(self).__name__, kwargs)
         if stride != 1:
             raise ValueError(f"stride must be 1 in an ELSABlock (the residual keeps the input size), got {stride}")
-        self.norm1 = norm_layer(dim)
+        dd = dict(device=device, dtype=dtype)
+        self.norm1 = norm_layer(dim, **dd)
         self.attn = ELSA(dim, num_heads, dim_qk=dim_qk, dim_v=dim_v, kernel_size=kernel_size, stride=stride,
                          dilation=dilation, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
-                         group_width=group_width, groups=groups, lam=lam, gamma=gamma, backend=backend)
+                         group_width=group_width, groups=groups, lam=lam, gamma=gamma, backend=backend, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
