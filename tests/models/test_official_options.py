@@ -69,7 +69,7 @@ def _official_elsa_cpu(layer: ELSA, x: torch.Tensor, attn_drop: float = 0.0) -> 
     h_attn = layer.attn(q * k * layer.scale)
     v = v.reshape(b * g, c // g, h, w)
     h_attn = F.dropout(h_attn.reshape(b * g, -1, h, w).softmax(1), attn_drop, training=attn_drop > 0)
-    gh = layer.state_dict()["ghost_head"]  # the official layout: (2, 1, C, K, K) for both ghosts
+    gh = layer.ghost_head
     if layer.lam != 0 and layer.gamma != 0:
         gh = gh.expand(2, b, c, ks, ks).reshape(2, b * g, c // g, ks, ks)
         mul, add = gh[0] ** layer.lam, gh[1] * layer.gamma

@@ -194,11 +194,26 @@ def test_channels_last_on_elsa_volo_keeps_outputs_and_the_official_ghost_layout(
         ref = model(x)
         model.to(memory_format=torch.channels_last)
         torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), ref, atol=1e-5, rtol=1e-5)
-    key = "network.0.0.attn.ghost_head"
-    state = model.state_dict()
-    c, k = 192, model.elsa_kernel
-    assert state[key].shape == (2, 1, c, k, k)  # the official file layout of the two ghosts
+    ghost = model.network[0][0].attn.ghost_head
+    shape = (2, 1, 192, model.elsa_kernel, model.elsa_kernel)  # the official shape of the two ghosts
+    assert ghost.shape == model.state_dict()["network.0.0.attn.ghost_head"].shape == shape
     copy = _volo().eval()
-    copy.load_state_dict(state)
+    copy.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(copy(x), ref, atol=1e-5, rtol=1e-5)
+    model.train()
+    model(x).sum().backward()
+    assert ghost.grad.shape == shape and ghost.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("lam,gamma", [(1, 1), (0, 1)])
+def test_elsa_layer_conversions_keep_the_ghosts(lam, gamma):
+    torch.manual_seed(0)
+    layer = ELSA(24, 3, kernel_size=5, lam=lam, gamma=gamma)
+    ghost = layer.ghost_head.detach().clone()
+    x = torch.randn(2, 9, 7, 24, dtype=torch.float64)
+    ref = copy.deepcopy(layer).double()(x)
+    layer.to(memory_format=torch.channels_last).to(torch.float64)
+    assert layer.ghost_head.shape == ghost.shape and layer.ghost_head.dtype == torch.float64
+    torch.testing.assert_close(layer.ghost_head, ghost.double())
+    torch.testing.assert_close(layer(x), ref)

@@ -57,22 +57,6 @@ def _pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return F.linear(x, conv.weight.reshape(conv.out_channels, conv.in_channels), conv.bias)
 
 
-def _ghost_to_file_layout(module: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """State-dict hook: the ghost pair (2, C, K, K) is written in the official (2, 1, C, K, K) layout."""
-    key = prefix + "ghost_head"
-    t = state_dict.get(key)
-    if t is not None and t.dim() == 4 and t.shape[0] == 2:
-        state_dict[key] = t.unsqueeze(1)
-
-
-def _ghost_from_file_layout(module: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
-    """Load pre-hook: an official (2, 1, C, K, K) ghost pair is read into the (2, C, K, K) parameter."""
-    key = prefix + "ghost_head"
-    t = state_dict.get(key)
-    if t is not None and t.dim() == 5 and t.shape[1] == 1:
-        state_dict[key] = t.squeeze(1)
-
-
 # A leaf for torch.fx (timm's feature extraction): the operator checks its arguments and picks a kernel from the
 # tensors' devices and sizes, which symbolic proxies cannot answer.
 @register_notrace_module
@@ -157,22 +141,30 @@ class ELSA(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.post_proj = nn.Linear(self.dim_v, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._register_state_dict_hook(_ghost_to_file_layout)  # the public name needs torch 2.5
-        self.register_load_state_dict_pre_hook(_ghost_from_file_layout)
 
     def _init_ghost_head(self, device: Optional[torch.device] = None,
                          dtype: Optional[torch.dtype] = None) -> Optional[nn.Parameter]:
-        """Both ghosts are held as one (2, C, K, K) parameter ([0] = m, [1] = d), a single one as (1, C, K, K).
-        The official file layout of the pair is (2, 1, C, K, K); the state-dict hooks below convert, so that the
-        parameter stays 4-D and ``model.to(memory_format=torch.channels_last)`` accepts it."""
         shape = (1, self.dim_v, self.kernel_size, self.kernel_size)
         mul = torch.randn(shape, device=device, dtype=dtype) if self.lam != 0 else None
         add = trunc_normal_(torch.zeros(shape, device=device, dtype=dtype), std=0.02) if self.gamma != 0 else None
         if mul is not None and add is not None:
-            return nn.Parameter(torch.cat((mul, add)))
+            return nn.Parameter(torch.stack((mul, add)))  # (2, 1, C, K, K): [0] = m, [1] = d
         if mul is not None or add is not None:
             return nn.Parameter(mul if mul is not None else add)
         return None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "ELSA":
+        """``Module.to(memory_format=torch.channels_last)`` converts every 4-D and 5-D tensor, and a 5-D tensor
+        cannot be channels-last: the (2, 1, C, K, K) ghost pair (the official shape, kept for checkpoints and
+        optimizer states) goes through the conversion as its (2, C, K, K) view. (``nn.RNNBase`` overrides
+        ``_apply`` likewise.) Any other conversion gives the same result either way."""
+        if self.ghost_head is None or self.ghost_head.dim() != 5:
+            return super()._apply(fn, recurse)
+
+        def as_4d(t: Tensor) -> Tensor:
+            return fn(t.flatten(0, 1)).unflatten(0, t.shape[:2]) if t.dim() == 5 else fn(t)
+
+        return super()._apply(as_4d, recurse)
 
     def ghosts(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """(m ** lam, d * gamma), each (G, C//G, K, K) (one per head, shared by the batch) or None."""
@@ -251,7 +243,8 @@ class ELSABlock(nn.Module):
     Arguments, their positional order and defaults are the official ``ELSABlock``'s: ``(dim, kernel_size, stride,
     num_heads, mlp_ratio, drop, attn_drop, drop_path, act_layer, norm_layer, qkv_bias, qk_scale, dim_qk, dim_v,
     lam, gamma, dilation, group_width, groups)`` (MLP ratio 3, no qkv bias, qk_scale 1, lam = gamma = 1); ELSA-Swin
-    passes its own (MLP ratio 4, qkv bias, K = 7, lam = 0). ``backend`` is keyword-only.
+    passes its own (MLP ratio 4, qkv bias, K = 7, lam = 0). ``backend``, ``device`` and ``dtype`` (where the
+    parameters are created, timm's factory arguments) are keyword-only.
 
     ``drop`` is the official block's dropout: in the MLP only (after its activation and after its output layer);
     the official block never drops the ELSA output projection. ``stride`` must be 1 (the residual needs the input
