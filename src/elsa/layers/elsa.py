@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_module, trunc_normal_
 from torch import Tensor
 
 from ..ops import elsa_aggregate, elsa_softmax_aggregate
@@ -57,6 +57,9 @@ def _pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return F.linear(x, conv.weight.reshape(conv.out_channels, conv.in_channels), conv.bias)
 
 
+# A leaf for torch.fx (timm's feature extraction): the operator checks its arguments and picks a kernel from the
+# tensors' devices and sizes, which symbolic proxies cannot answer.
+@register_notrace_module
 class ELSA(nn.Module):
     """Enhanced local self-attention.
 
@@ -77,6 +80,7 @@ class ELSA(nn.Module):
         groups: groups of the 1x1 conv producing the K*K*G attention logits.
         lam, gamma: ghost-head exponents/scales: filter = m ** lam * attn + d * gamma; 0 disables that ghost.
         backend: force an ``elsa_aggregate`` backend (None: automatic).
+        device, dtype: where and in which dtype the parameters are created (timm's factory arguments).
         kwargs: only the official window-stage keywords (``window_size``, ``shift_size``, ``input_resolution``),
             which the official layer also ignores.
     """
@@ -100,10 +104,13 @@ class ELSA(nn.Module):
         gamma: float = 1.0,
         *,
         backend: Optional[str] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         _check_ignored(type(self).__name__, kwargs)
+        dd = dict(device=device, dtype=dtype)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size}")
         if stride < 1 or dilation < 1:
@@ -123,27 +130,41 @@ class ELSA(nn.Module):
         self.scale = qk_scale or (self.dim_v // num_heads) ** -0.5
         self.backend = backend
 
-        self.pre_proj = nn.Conv2d(dim, self.dim_qk * 2 + self.dim_v, 1, bias=qkv_bias)
+        self.pre_proj = nn.Conv2d(dim, self.dim_qk * 2 + self.dim_v, 1, bias=qkv_bias, **dd)
         self.attn = nn.Sequential(
             nn.Conv2d(self.dim_qk, self.dim_qk, kernel_size, padding=kernel_size // 2 * dilation,
-                      dilation=dilation, groups=self.dim_qk // group_width),
+                      dilation=dilation, groups=self.dim_qk // group_width, **dd),
             nn.GELU(),
-            nn.Conv2d(self.dim_qk, kernel_size * kernel_size * num_heads, 1, groups=groups),
+            nn.Conv2d(self.dim_qk, kernel_size * kernel_size * num_heads, 1, groups=groups, **dd),
         )
-        self.ghost_head = self._init_ghost_head()
+        self.ghost_head = self._init_ghost_head(**dd)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.post_proj = nn.Linear(self.dim_v, dim)
+        self.post_proj = nn.Linear(self.dim_v, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _init_ghost_head(self) -> Optional[nn.Parameter]:
+    def _init_ghost_head(self, device: Optional[torch.device] = None,
+                         dtype: Optional[torch.dtype] = None) -> Optional[nn.Parameter]:
         shape = (1, self.dim_v, self.kernel_size, self.kernel_size)
-        mul = torch.randn(shape) if self.lam != 0 else None
-        add = trunc_normal_(torch.zeros(shape), std=0.02) if self.gamma != 0 else None
+        mul = torch.randn(shape, device=device, dtype=dtype) if self.lam != 0 else None
+        add = trunc_normal_(torch.zeros(shape, device=device, dtype=dtype), std=0.02) if self.gamma != 0 else None
         if mul is not None and add is not None:
             return nn.Parameter(torch.stack((mul, add)))  # (2, 1, C, K, K): [0] = m, [1] = d
         if mul is not None or add is not None:
             return nn.Parameter(mul if mul is not None else add)
         return None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "ELSA":
+        """``Module.to(memory_format=torch.channels_last)`` converts every 4-D and 5-D tensor, and a 5-D tensor
+        cannot be channels-last: the (2, 1, C, K, K) ghost pair (the official shape, kept for checkpoints and
+        optimizer states) goes through the conversion as its (2, C, K, K) view. (``nn.RNNBase`` overrides
+        ``_apply`` likewise.) Any other conversion gives the same result either way."""
+        if self.ghost_head is None or self.ghost_head.dim() != 5:
+            return super()._apply(fn, recurse)
+
+        def as_4d(t: Tensor) -> Tensor:
+            return fn(t.flatten(0, 1)).unflatten(0, t.shape[:2]) if t.dim() == 5 else fn(t)
+
+        return super()._apply(as_4d, recurse)
 
     def ghosts(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """(m ** lam, d * gamma), each (G, C//G, K, K) (one per head, shared by the batch) or None."""
@@ -222,7 +243,8 @@ class ELSABlock(nn.Module):
     Arguments, their positional order and defaults are the official ``ELSABlock``'s: ``(dim, kernel_size, stride,
     num_heads, mlp_ratio, drop, attn_drop, drop_path, act_layer, norm_layer, qkv_bias, qk_scale, dim_qk, dim_v,
     lam, gamma, dilation, group_width, groups)`` (MLP ratio 3, no qkv bias, qk_scale 1, lam = gamma = 1); ELSA-Swin
-    passes its own (MLP ratio 4, qkv bias, K = 7, lam = 0). ``backend`` is keyword-only.
+    passes its own (MLP ratio 4, qkv bias, K = 7, lam = 0). ``backend``, ``device`` and ``dtype`` (where the
+    parameters are created, timm's factory arguments) are keyword-only.
 
     ``drop`` is the official block's dropout: in the MLP only (after its activation and after its output layer);
     the official block never drops the ELSA output projection. ``stride`` must be 1 (the residual needs the input
@@ -252,19 +274,22 @@ class ELSABlock(nn.Module):
         groups: int = 1,
         *,
         backend: Optional[str] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         _check_ignored(type(self).__name__, kwargs)
         if stride != 1:
             raise ValueError(f"stride must be 1 in an ELSABlock (the residual keeps the input size), got {stride}")
-        self.norm1 = norm_layer(dim)
+        dd = dict(device=device, dtype=dtype)
+        self.norm1 = norm_layer(dim, **dd)
         self.attn = ELSA(dim, num_heads, dim_qk=dim_qk, dim_v=dim_v, kernel_size=kernel_size, stride=stride,
                          dilation=dilation, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
-                         group_width=group_width, groups=groups, lam=lam, gamma=gamma, backend=backend)
+                         group_width=group_width, groups=groups, lam=lam, gamma=gamma, backend=backend, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""

@@ -17,20 +17,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.layers import (DropPath, Mlp, PatchEmbed, SelectAdaptivePool2d, get_device_dtype, register_notrace_function,
+                         register_notrace_module, trunc_normal_)
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor
 
 from ..layers import ELSABlock
 from ._checkpoint import unwrap_state_dict
+from ._features import FeatureGetterNet
 
 __all__ = ["ELSASwin"]
 
 
-def _relative_position_index(window: int) -> Tensor:
+def _relative_position_index(window: int, device: Optional[torch.device] = None) -> Tensor:
     """Swin's relative index: (window**2 * window**2,) into a ((2*window-1)**2)-entry bias table."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    ar = torch.arange(window, device=device)
+    coords = torch.stack(torch.meshgrid(ar, ar, indexing="ij")).flatten(1)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
     return (rel[..., 0] * (2 * window - 1) + rel[..., 1]).flatten()
 
@@ -68,16 +71,18 @@ class WindowAttention(nn.Module):
     relative-position bias table indexed by the ``relative_id`` buffer, ``post_proj`` projects back."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.num_heads = num_heads
         self.window_size = window_size
-        self.rb = nn.Parameter(torch.zeros(num_heads, (2 * window_size - 1) ** 2))
+        self.rb = nn.Parameter(torch.zeros(num_heads, (2 * window_size - 1) ** 2, **dd))
         trunc_normal_(self.rb, std=0.02)
-        self.register_buffer("relative_id", _relative_position_index(window_size))
-        self.pre_proj = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.register_buffer("relative_id", _relative_position_index(window_size, device))
+        self.pre_proj = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = attn_drop
-        self.post_proj = nn.Linear(dim, dim)
+        self.post_proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def relative_bias(self) -> Tensor:
@@ -106,22 +111,27 @@ class WindowAttention(nn.Module):
         return self.proj_drop(self.post_proj(out.transpose(1, 2).reshape(b, n, c)))
 
 
+# A leaf for torch.fx (timm's feature extraction): the shift and window padding depend on the map size.
+@register_notrace_module
 class SwinBlock(nn.Module):
     """Swin block on (B, H, W, C): pads to whole windows; ``shift`` is applied only when the map is larger
     than one window, unless ``always_shift`` (the detection backbone's rule)."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, shift: bool = False, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, always_shift: bool = False) -> None:
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, always_shift: bool = False,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.window_size = window_size
         self.shift_size = window_size // 2 if shift else 0
         self.always_shift = always_shift
-        self.norm1 = norm_layer(dim)
-        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias, attn_drop, proj_drop)
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias, attn_drop, proj_drop, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop,
+                       **dd)
 
     def _attend(self, x: Tensor) -> Tensor:
         b, h, w, c = x.shape
@@ -150,10 +160,11 @@ class PatchMerging(nn.Module):
     """2x downsampling: concatenate 2x2 neighbours in the order (0,0), (1,0), (0,1), (1,1), LayerNorm(4C),
     Linear(4C, 2C). Odd maps are zero-padded at the bottom/right."""
 
-    def __init__(self, dim: int, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm) -> None:
+    def __init__(self, dim: int, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
-        self.norm = norm_layer(4 * dim)
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = norm_layer(4 * dim, device=device, dtype=dtype)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         b, h, w, c = x.shape
@@ -163,6 +174,7 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x))
 
 
+@register_notrace_function  # resizes only when the grid differs: a shape test torch.fx cannot trace
 def _resized_pos_embed(pos: Tensor, grid: Tuple[int, int], size: Tuple[int, int]) -> Tensor:
     """An absolute position embedding as a (1, H, W, C) map of ``size``: ``pos`` is (1, grid_h * grid_w, C) (the
     classifier's layout) or (1, C, grid_h, grid_w) (the detection backbone's); resized bicubically, as the official
@@ -229,11 +241,16 @@ class ELSASwin(nn.Module):
         always_shift: bool = False,
         elsa_backend: Optional[str] = None,
         elsa_stages: Optional[int] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         """Options as the official ``ELSASwin`` (same names and meanings), plus:
 
         head_drop_rate: dropout before the classifier (not in the official model; default 0 as there).
         always_shift, elsa_backend, elsa_stages: see the module docstring, ``ELSA`` and the stage layout.
+        global_pool: timm's pooling types for NHWC maps (``avg``, ``max``, ``avgmax``, ``catavgmax``, or ``''``
+            for none); another type fails as in timm's Swin (an AssertionError).
+        device, dtype: where and in which dtype the parameters are created (timm's factory arguments).
 
         ``drop_rate`` is the official dropout: after the patch (and position) embedding, in every block's MLP and
         in the window attention's output projection, never on the ELSA projection nor before the head. ``ape``
@@ -243,27 +260,26 @@ class ELSASwin(nn.Module):
         ``dim_v`` and ``groups`` go to every ELSA block (the official model passes them through to its blocks).
         """
         super().__init__()
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        dd = dict(device=device, dtype=dtype)
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have the same length")
         num_stages = len(depths)
         elsa_stages = num_stages - 1 if elsa_stages is None else elsa_stages
         self.num_classes = num_classes
-        self.global_pool = global_pool
+        self.in_chans = in_chans
         self.embed_dim = embed_dim
-        self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (num_stages - 1))
+        self.num_features = int(embed_dim * 2 ** (num_stages - 1))
         self.output_fmt = "NHWC"
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                       embed_dim=embed_dim, norm_layer=norm_layer if patch_norm else None,
-                                      output_fmt="NHWC", strict_img_size=False, dynamic_img_pad=True)
+                                      output_fmt="NHWC", strict_img_size=False, dynamic_img_pad=True, **dd)
         self.ape = ape
         self.absolute_pos_embed: Optional[nn.Parameter] = None
         if ape:  # the official classifier's layout: (1, patches, C)
             grid = self.patch_embed.grid_size
-            self.absolute_pos_embed = nn.Parameter(trunc_normal_(torch.zeros(1, grid[0] * grid[1], embed_dim),
+            self.absolute_pos_embed = nn.Parameter(trunc_normal_(torch.zeros(1, grid[0] * grid[1], embed_dim, **dd),
                                                                  std=0.02))
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
@@ -276,22 +292,30 @@ class ELSASwin(nn.Module):
                                     drop=drop_rate, attn_drop=attn_drop_rate, drop_path=r, norm_layer=norm_layer,
                                     qkv_bias=qkv_bias, qk_scale=qk_scale, dim_qk=dim_qk, dim_v=dim_v, lam=lam,
                                     gamma=gamma, dilation=dilation, group_width=group_width, groups=groups,
-                                    backend=elsa_backend) for r in rates]
+                                    backend=elsa_backend, **dd) for r in rates]
             else:
                 blocks = [SwinBlock(dim, heads, window_size, shift=j % 2 == 1, mlp_ratio=mlp_ratio,
                                     qkv_bias=qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate,
-                                    drop_path=r, norm_layer=norm_layer, always_shift=always_shift)
+                                    drop_path=r, norm_layer=norm_layer, always_shift=always_shift, **dd)
                           for j, r in enumerate(rates)]
-            downsample = PatchMerging(dim, norm_layer) if i < num_stages - 1 else None
+            downsample = PatchMerging(dim, norm_layer, **dd) if i < num_stages - 1 else None
             stages.append(ELSASwinStage(blocks, downsample))
             self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"layers.{i}"))
         self.layers = nn.Sequential(*stages)
-        self.norm = norm_layer(self.num_features)
+        self.norm = norm_layer(self.num_features, **dd)
+        self.global_pool = global_pool
+        self.head_pool = self._pool(global_pool)
+        self.head_hidden_size = self.num_features * self.head_pool.feat_mult()
         self.head_drop = nn.Dropout(head_drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_hidden_size, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
         if use_checkpoint:
             self.set_grad_checkpointing(True)
+
+    @staticmethod
+    def _pool(global_pool: str) -> SelectAdaptivePool2d:
+        """timm's global pooling of the NHWC map (asserts on an unknown type, as timm's Swin does)."""
+        return SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool), input_fmt="NHWC")
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -331,12 +355,16 @@ class ELSASwin(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new head (on the model's device and dtype) for ``num_classes``; ``global_pool`` None keeps the pooling."""
+        dd = get_device_dtype(self)
         self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.head_pool = self._pool(global_pool)
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_hidden_size = self.num_features * self.head_pool.feat_mult()
+        self.head = nn.Linear(self.head_hidden_size, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head_pool.train(self.training)  # new modules follow the model's mode
+        self.head.train(self.training)
 
     def forward_intermediates(
         self,
@@ -349,7 +377,8 @@ class ELSASwin(nn.Module):
     ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
         """Stage outputs (before each stage's downsampling) at strides 4, 8, 16, 32, as NCHW (or NHWC) maps.
 
-        ``norm`` applies the final norm to the last stage's map (timm's convention)."""
+        ``norm`` applies the final norm to the last stage's map only (it is sized for it; timm's Swin convention);
+        with ``stop_early`` before the last stage the returned final map is that stage's, unnormalised."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take, max_index = feature_take_indices(len(self.layers), indices)
@@ -357,25 +386,31 @@ class ELSASwin(nn.Module):
         x = self._embed(x)
         last = len(self.layers) - 1
         stages = self.layers[:max_index + 1] if stop_early else self.layers
+        i = 0
         for i, stage in enumerate(stages):
             x = stage.forward_blocks(x)
             if i in take:
                 y = self.norm(x) if norm and i == last else x
                 intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
-            if stage.downsample is not None:
+            if stage.downsample is not None and i < len(stages) - 1:
                 x = stage.downsample(x)
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        return (self.norm(x) if i == last else x), intermediates
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
+        """Drop the stages after the last of ``indices`` (timm's contract). Cutting before the last stage also drops
+        the final norm (sized for the last stage) and the head, and ``num_features`` becomes the kept stage's."""
         take, max_index = feature_take_indices(len(self.layers), indices)
+        prune_end = max_index < len(self.layers) - 1
         self.layers = self.layers[:max_index + 1]
         self.layers[-1].downsample = None
-        if prune_norm:
+        if prune_norm or prune_end:
             self.norm = nn.Identity()
-        if prune_head:
+        if prune_end:
+            self.num_features = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
             self.reset_classifier(0, "")
         return take
 
@@ -386,8 +421,7 @@ class ELSASwin(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
+        x = self.head_pool(x)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -403,11 +437,14 @@ def checkpoint_filter_fn(state_dict: dict, model: ELSASwin) -> dict:
 
 
 def _create_elsa_swin(variant: str, pretrained: bool = False, **kwargs) -> ELSASwin:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    default_indices = tuple(range(len(kwargs.get("depths", (2, 2, 6, 2)))))  # every stage (pico has 3)
+    out_indices = kwargs.pop("out_indices", default_indices)
+    if kwargs.get("feature_cls") == "getter":
+        kwargs["feature_cls"] = FeatureGetterNet  # timm's getter, with set_grad_checkpointing
     return build_model_with_cfg(
         ELSASwin, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        feature_cfg=dict(feature_cls=FeatureGetterNet, out_indices=out_indices),
         **kwargs,
     )
 
@@ -428,7 +465,7 @@ def _cfg(variant: str = "", **kwargs) -> dict:
                      description=f"ImageNet-1k, official top-1 {official['top1']} @224 (damo-cv/ELSA); "
                                  f"download the file and pass pretrained_cfg_overlay=dict(file=PATH)")
     return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
         "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": False,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0",
@@ -441,7 +478,7 @@ default_cfgs = generate_default_cfgs({
     "elsa_swin_tiny.in1k": _cfg("elsa_swin_tiny"),
     "elsa_swin_small.in1k": _cfg("elsa_swin_small"),
     "elsa_swin_base.in1k": _cfg("elsa_swin_base"),
-    "elsa_swin_pico.untrained": _cfg(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0,
+    "elsa_swin_pico.untrained": _cfg(num_classes=10, input_size=(3, 32, 32), pool_size=(4, 4), crop_pct=1.0,
                                      mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
 })
 

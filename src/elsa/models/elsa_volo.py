@@ -43,6 +43,7 @@ from torch import Tensor
 
 from ..layers import ELSABlock
 from ._checkpoint import CheckpointError, read_state_dict, unwrap_state_dict
+from ._features import FeatureGetterNet
 
 __all__ = ["ELSAVOLO", "ELSA_VOLO_SETTINGS", "MODEL_ARGS", "PAPER", "VoloLoadReport", "load_volo_weights"]
 
@@ -111,7 +112,8 @@ class ELSAVOLO(VOLO):
         blocks = [ELSABlock(dim, num_heads=heads, kernel_size=elsa_kernel, mlp_ratio=mlp_hidden / dim,
                             qkv_bias=kwargs.get("qkv_bias", False), qk_scale=elsa_qk_scale, lam=elsa_lam,
                             gamma=elsa_gamma, group_width=elsa_group_width, attn_drop=attn_drop,
-                            norm_layer=norm_layer, backend=elsa_backend)
+                            norm_layer=norm_layer, backend=elsa_backend,
+                            device=kwargs.get("device"), dtype=kwargs.get("dtype"))
                   for _ in range(len(stage))]
         self.network[0] = nn.Sequential(*blocks)
         self.network[0].apply(self._init_weights)
@@ -238,10 +240,12 @@ def load_volo_weights(model: ELSAVOLO, file: Union[str, os.PathLike, dict], use_
 
 def _create_elsa_volo(variant: str, pretrained: bool = False, **kwargs: Any) -> ELSAVOLO:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    if kwargs.get("feature_cls") == "getter":
+        kwargs["feature_cls"] = FeatureGetterNet  # timm's getter, with set_grad_checkpointing
     return build_model_with_cfg(
         ELSAVOLO, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        feature_cfg=dict(out_indices=out_indices, feature_cls=FeatureGetterNet),
         **kwargs,
     )
 
