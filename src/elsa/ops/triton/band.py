@@ -27,12 +27,13 @@ from .layout import ghost_grad, ghost_grad_rows, ghost_strides
 INTERPRET = isinstance(kernels_tc.elsa_band_kernel, InterpretedFunction)
 
 # (BLOCK_C, TILE_H, TILE_W, warps, pipeline stages), cheapest first in benchmarks/kernel_sass.py at the
-# ELSA-Swin stages. 16 x 16 tiles, and 8 x 8 ones for the v gradient (56 = 7 x 8: no padded pixels); two to
-# four stages of software pipelining, whichever is cheapest without register spills. TILE_H >= 16 in the
-# backward (it is the contraction of the ghost-gradient product). The interpreter runs the first one, a tile
-# size a GPU really uses; the tests run every one (fixed_tile).
+# ELSA-Swin stages. 16 x 16 tiles, and 8 x 8 ones (56 = 7 x 8: no padded pixels; on the channels-last maps of
+# the layer the cheapest forward, and with two warps the cheapest v gradient); two to four stages of software
+# pipelining, whichever is cheapest without register spills. TILE_H >= 16 in the backward (it is the
+# contraction of the ghost-gradient product). The interpreter runs the first one, a tile size a GPU really
+# uses; the tests run every one (fixed_tile).
 BAND_TILES = [(32, 16, 16, 8, 2), (32, 8, 8, 4, 2), (32, 16, 8, 4, 2), (32, 16, 16, 8, 3), (64, 16, 16, 8, 2),
-              (16, 16, 16, 4, 2)]
+              (16, 16, 16, 4, 2), (32, 8, 8, 2, 2)]
 BAND_BWD_TILES = [(32, 16, 16, 8, 4), (32, 16, 16, 8, 2), (32, 16, 8, 4, 2), (64, 16, 16, 8, 2)]
 MIN_CHANNELS = 16
 
@@ -97,11 +98,14 @@ def _prune(configs, named_args, **kwargs):
 _SPAN = {"SPAN": lambda args: span(args["TILE_W"], args["K"], args["DIL"], args["VEC"])}
 _KEY = ["C", "H", "W", "K", "DIL", "SOFTMAX"]
 _KP = {"KP": lambda args: slots(args["K"])}
-_band = triton.autotune(configs=_configs(BAND_TILES), key=_KEY + ["TRANSPOSED", "HAS_ADD"],
+# The channel and column strides are in the keys: channels-last maps (the layer's) and contiguous ones vectorise
+# along different axes, and their best tiles differ.
+_band = triton.autotune(configs=_configs(BAND_TILES), key=_KEY + ["TRANSPOSED", "HAS_ADD", "ss_c", "ss_w"],
                         prune_configs_by={"early_config_prune": _prune})(
     triton.heuristics(dict(VEC=window_vector, **_SPAN, **_KP, EVEN_C=lambda args: args["C"] % args["BLOCK_C"] == 0))(
         kernels_tc.elsa_band_kernel))
-_band_bwd_attn = triton.autotune(configs=_configs(BAND_BWD_TILES), key=_KEY + ["NEED_ATTN", "NEED_ADD", "WRITE_LSE"],
+_band_bwd_attn = triton.autotune(configs=_configs(BAND_BWD_TILES),
+                                 key=_KEY + ["NEED_ATTN", "NEED_ADD", "WRITE_LSE", "sv_c", "sv_w"],
                                  prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["gd_ptr"])(
     triton.heuristics(dict(VEC=lambda args: window_vector(_as_src(args, "v")),
                            G_VEC=lambda args: vector_width(_as_src(args, "g")),

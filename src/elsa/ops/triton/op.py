@@ -87,15 +87,16 @@ _channel_heuristics = {
 }
 _KEY = ["C", "H", "W", "Ho", "Wo", "K", "DIL", "STRIDE", "SOFTMAX"]
 _PRUNE = {"early_config_prune": _prune_channel_blocks}
-_fwd = triton.autotune(configs=_configs(GATHER_TILES), key=_KEY, prune_configs_by=_PRUNE)(
+# The channel stride is in the keys: channels-last maps (the layer's) and contiguous ones favour different tiles.
+_fwd = triton.autotune(configs=_configs(GATHER_TILES), key=_KEY + ["sv_c"], prune_configs_by=_PRUNE)(
     triton.heuristics(_channel_heuristics)(kernels.elsa_fwd_kernel))
 # reset_to_zero: the ghost gradients are accumulated atomically, so every benchmarked run starts from zero.
 _bwd_attn = triton.autotune(configs=_configs(REDUCE_TILES),
-                            key=_KEY + ["WRITE_LSE", "NEED_ATTN", "NEED_MUL", "NEED_ADD"],
+                            key=_KEY + ["WRITE_LSE", "NEED_ATTN", "NEED_MUL", "NEED_ADD", "sv_c"],
                             prune_configs_by=_PRUNE, reset_to_zero=["gm_ptr", "gd_ptr"])(
     triton.heuristics(dict(_channel_heuristics, ALL_C=lambda args: args["C"] <= args["BLOCK_C"]))(
         kernels.elsa_bwd_attn_kernel))
-_bwd_v = triton.autotune(configs=_configs(GATHER_TILES), key=_KEY, prune_configs_by=_PRUNE)(
+_bwd_v = triton.autotune(configs=_configs(GATHER_TILES), key=_KEY + ["sg_c"], prune_configs_by=_PRUNE)(
     triton.heuristics(_channel_heuristics)(kernels.elsa_bwd_v_kernel))
 
 
