@@ -39,12 +39,15 @@ for s in $STEPS; do
         step env 60 bash -c "nvidia-smi; $PY -c 'import torch, triton, timm; print(torch.__version__, triton.__version__, timm.__version__, torch.cuda.get_device_name())'"
         ;;
     tests)  # kernel correctness on the GPU against the reference backend, every gradient and dtype: the
-            # CUDA-core and tensor-core kernels, the latter at every tile the autotuner may pick (band.fixed_tile)
-        step tests 480 "$PY" -m pytest -q -x -p no:cacheprovider tests/ops/test_triton.py tests/ops/test_aggregate.py \
-            tests/layers
+            # CUDA-core and tensor-core kernels, the latter at every tile the autotuner may pick (band.fixed_tile),
+            # the flat form and the head-aware entry on channels-last maps (test_triton_heads.py)
+        step tests 480 "$PY" -m pytest -q -x -p no:cacheprovider tests/ops/test_triton.py tests/ops/test_triton_heads.py \
+            tests/ops/test_aggregate.py tests/layers
         ;;
-    op)  # op level at the ELSA-Swin-T stage shapes, batch 128: triton vs native vs reference
-        step op 540 "$PY" benchmarks/op_bench.py --device cuda --json "$OUT/op_bench_cuda.json"
+    op)  # op level at the ELSA-Swin-T stage shapes, batch 128: triton vs native vs reference, the fused-softmax
+         # op in the flat form and as the layer calls it (head-aware, channels-last maps: no copies on triton)
+        step op 540 "$PY" benchmarks/op_bench.py --device cuda --entries softmax_aggregate,softmax_heads \
+            --json "$OUT/op_bench_cuda.json"
         ;;
     model)  # model level, batch 128 at 224, fp32 and bf16 autocast, inference and AdamW training step
         step model 540 "$PY" benchmarks/model_bench.py --models elsa_swin_tiny elsa_swin_small elsa_swin_base \

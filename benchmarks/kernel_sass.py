@@ -4,7 +4,9 @@ No GPU is needed: Triton compiles for an explicit target (default sm_90, the H10
 ships, and ``cuobjdump`` (also shipped) gives the SASS and the resource usage. Each kernel is compiled as a
 launch would specialise it (integer arguments equal to 1 become constants, multiples of 16 and the pointers
 are marked 16-divisible) for the ELSA-Swin-T stage shapes (batch 128, 32 channels per head, K = 7,
-additive ghost, fused softmax, contiguous tensors as ``op_bench.py`` makes them), and counted whole:
+additive ghost, fused softmax) in two layouts: ``layer``, the head-aware call the ELSA layer makes (v and the
+logits channels-last as its projections write them, one ghost per head, channels-last gradient), and ``flat``
+(contiguous (N, C, H, W) inputs, one head per sample, as ``op_bench.py``'s flat entries), and counted whole:
 
 - every SASS instruction once per program, times the trip counts of the loops around it. The loops are the
   backward branches of the SASS; they are matched, in address order and nesting (and by LOOP_MARKERS), with
@@ -22,6 +24,9 @@ Both paths are reported: ``tensor-core`` (kernels_tc.py, what the triton backend
 and ``cuda-core`` (kernels.py, the fallback), each with the spill-free tile of fewest instructions.
 
     python benchmarks/kernel_sass.py                 # sm_90, writes benchmarks/results/kernel_sass_sm90.json
+    python benchmarks/kernel_sass.py --layouts layer --paths tensor-core --stages stage1 --json /tmp/k.json
+
+The last line is the first layout's (``layer``: what ELSA-Swin runs) tensor-core stage-1 total.
 
 The figures predict, they do not measure: timings come from benchmarks/op_bench.py on a GPU.
 """
@@ -64,6 +69,7 @@ STAGES = [("stage1", 56, 3), ("stage2", 28, 6), ("stage3", 14, 12)]
 # machines; H200: the same SMs and clock, copy rate scaled by the spec ratio 4.8 / 3.35.
 GPUS = {"H100": (132, 1.98, 3000.0), "H200": (132, 1.98, 3000.0 * 4.8 / 3.35)}
 ISSUE_PER_CLK, SHARED_B_PER_CLK, MMA_FLOP_PER_CLK = 4, 128, 2048
+LAYOUTS = ("layer", "flat")
 FLOAT32_POINTERS = frozenset({"gm_ptr", "gd_ptr", "lse_ptr", "dp_ptr"})
 
 
@@ -191,13 +197,34 @@ def whole_kernel(sass: str, loops_expected: list) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # the kernels as the triton backend launches them at a stage shape
 
-def _geometry(n: int, side: int) -> dict:
-    """Integer arguments of a contiguous stride-1 call: v, grad (N, C, H, W), logits (N, K*K, H, W), ghost."""
-    c, hw, kk = CHANNELS, side * side, KERNEL_SIZE ** 2
-    nchw = dict(n=c * hw, c=hw, h=side, w=1)
-    logits = dict(n=kk * hw, k=hw, h=side, w=1)
-    ghost = dict(n=c * kk, c=kk, i=KERNEL_SIZE, j=1)
-    return dict(C=c, H=side, W=side, Ho=side, Wo=side, nchw=nchw, logits=logits, ghost=ghost)
+def _geometry(batch: int, heads: int, side: int, layout: str) -> dict:
+    """Sizes and the strides of every tensor of a stride-1 call at one stage, as the triton backend gets them.
+
+    ``layer``: the head-aware call the ELSA layer makes: v a channel slice of the channels-last qkv projection
+    output (B, H, W, 2*dim_qk + G*C), logits (B, H, W, G*K*K) as their projection writes them, ghosts
+    (G, C, K, K) shared by the batch, grad and the outputs channels-last. ``flat``: the flat form of op_bench.py,
+    contiguous (N, C, H, W) v and grad and (N, K*K, H, W) logits with N = batch * heads, one head per sample,
+    per-sample ghosts; the op's outputs are channels-last all the same."""
+    c, kk, hw = CHANNELS, KERNEL_SIZE ** 2, side * side
+    if layout == "layer":
+        g, b = heads, batch
+        x = 2 * (2 * heads * c // 3) + heads * c  # qkv width: dim_qk = two thirds of dim (a multiple of 8 here)
+        gc, gkk = g * c, g * kk
+        v = dict(b=hw * x, c=1, h=side * x, w=x)
+        grad = dict(b=hw * gc, c=1, h=side * gc, w=gc)
+        logits = dict(b=hw * gkk, k=1, h=side * gkk, w=gkk)
+        ghost = dict(b=0, g=c * kk, c=kk, i=KERNEL_SIZE, j=1)
+        ghost_grad = dict(b=0)
+    else:
+        g, b = 1, batch * heads
+        v = grad = dict(b=c * hw, c=hw, h=side, w=1)
+        logits = dict(b=kk * hw, k=hw, h=side, w=1)
+        ghost = dict(b=c * kk, g=c * kk, c=kk, i=KERNEL_SIZE, j=1)
+        ghost_grad = dict(b=c * kk)
+    out = dict(b=hw * g * c, c=1, h=side * g * c, w=g * c)
+    ga = dict(b=hw * g * kk, k=1, h=side * g * kk, w=g * kk)
+    return dict(C=c, H=side, W=side, Ho=side, Wo=side, G=g, samples=b * g, v=v, grad=grad, logits=logits,
+                ghost=ghost, ghost_grad=ghost_grad, out=out, ga=ga)
 
 
 def _ints(fn, g: dict, prefixes: dict) -> dict:
@@ -212,44 +239,52 @@ def _ints(fn, g: dict, prefixes: dict) -> dict:
     return out
 
 
-def kernel_cases(path: str, n: int, side: int) -> list[dict]:
+def _vector_layout(g: dict, tensor: str) -> dict:
+    """The arguments band.vector_width reads, for tensor ``tensor`` of the geometry (freshly allocated)."""
+    return dict(W=g["W"], src_ptr=_ALIGNED_PTR, **{f"ss_{d}": g[tensor][d] for d in "bchw"})
+
+
+def kernel_cases(path: str, batch: int, heads: int, side: int, layout: str) -> list[dict]:
     """The launches of one forward + backward of the fused-softmax op with the additive ghost."""
-    K, KK, g = KERNEL_SIZE, KERNEL_SIZE ** 2, _geometry(n, side)
-    C, hw = CHANNELS, side * side
+    K, KK, g = KERNEL_SIZE, KERNEL_SIZE ** 2, _geometry(batch, heads, side, layout)
+    C, hw, n = CHANNELS, side * side, g["samples"]
     el = 2  # bf16 bytes
     if path == "tensor-core":
         geom = dict(K=K, DIL=1, SOFTMAX=True, UPCAST_DOT=False)
-        # contiguous tensors: the vector width is set by W (band.vector_width)
-        layout = dict(W=side, ss_n=C * hw, ss_c=hw, ss_h=side, ss_w=1, src_ptr=_ALIGNED_PTR, K=K, DIL=1)
-        vec = lambda w: band.window_vector(dict(layout, TILE_W=w))  # noqa: E731
+
+        def vec(w, tensor):  # band.window_vector for the tensor the kernel reads its windows from
+            return band.window_vector(dict(_vector_layout(g, tensor), TILE_W=w, K=K, DIL=1))
+
         band_fn, attn_fn = kernels_tc.elsa_band_kernel, kernels_tc.elsa_band_bwd_attn_kernel
 
-        def band_tiles(tiles, **flags):
-            return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1, vec(w)), KP=band.slots(K),
-                          EVEN_C=C % c == 0, VEC=vec(w), **flags), (warps, stages),
+        def band_tiles(tiles, src, **flags):
+            return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1, vec(w, src)), KP=band.slots(K),
+                          EVEN_C=C % c == 0, VEC=vec(w, src), **flags), (warps, stages),
                      n * math.ceil(C / c) * math.ceil(side / h) * math.ceil(side / w))
                     for c, h, w, warps, stages in tiles]
 
         def attn_tiles(tiles):
-            return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1, vec(w)), KP=band.slots(K),
-                          ALL_C=C <= c, VEC=vec(w), G_VEC=band.vector_width(layout)), (warps, stages),
-                     n * math.ceil(side / h) * math.ceil(side / w)) for c, h, w, warps, stages in tiles]
+            return [(dict(BLOCK_C=c, TILE_H=h, TILE_W=w, SPAN=band.span(w, K, 1, vec(w, "v")), KP=band.slots(K),
+                          ALL_C=C <= c, VEC=vec(w, "v"), G_VEC=band.vector_width(_vector_layout(g, "grad"))),
+                     (warps, stages), n * math.ceil(side / h) * math.ceil(side / w))
+                    for c, h, w, warps, stages in tiles]
 
         channel_trips = lambda cfg: math.ceil(C / cfg["BLOCK_C"])  # noqa: E731
         return [
             dict(kernel="forward", fn=band_fn, flags=dict(geom, HAS_ADD=True, TRANSPOSED=False),
-                 tiles=band_tiles(band.BAND_TILES), prefixes=dict(s="nchw", a="logits", d="ghost"),
+                 tiles=band_tiles(band.BAND_TILES, "v"), prefixes=dict(s="v", a="logits", d="ghost", o="out"),
                  loops=lambda cfg: [("softmax stats", KK), ("neighbour rows", K)],
                  dram=(n * C * hw * 2 + n * KK * hw) * el),
             dict(kernel="grad_logits+ghost", fn=attn_fn,
                  flags=dict(geom, WRITE_LSE=True, NEED_ATTN=True, NEED_ADD=True),
-                 tiles=attn_tiles(band.BAND_BWD_TILES), prefixes=dict(g="nchw", v="nchw", a="logits"),
+                 tiles=attn_tiles(band.BAND_BWD_TILES),
+                 prefixes=dict(g="grad", v="v", a="logits", ga="ga", gd="ghost_grad"),
                  loops=lambda cfg: [("softmax stats", KK),
                                     ("neighbour rows", K, [("channel blocks", channel_trips(cfg))]),
                                     ],  # the softmax backward (KK logits per pixel) is unrolled
                  dram=(n * C * hw * 2 + n * KK * hw * 2) * el + n * KK * hw * 8 + n * hw * 4),
             dict(kernel="grad_v", fn=band_fn, flags=dict(geom, HAS_ADD=True, TRANSPOSED=True),
-                 tiles=band_tiles(band.BAND_TILES), prefixes=dict(s="nchw", a="logits", d="ghost"),
+                 tiles=band_tiles(band.BAND_TILES, "grad"), prefixes=dict(s="grad", a="logits", d="ghost", o="out"),
                  loops=lambda cfg: [("neighbour rows", K)],
                  dram=(n * C * hw * 2 + n * KK * hw) * el + n * hw * 4),
         ]
@@ -261,13 +296,13 @@ def kernel_cases(path: str, n: int, side: int) -> list[dict]:
 
     return [
         dict(kernel="forward", fn=kernels.elsa_fwd_kernel, flags=dict(geom, HAS_MUL=False, HAS_ADD=True),
-             tiles=cc_tiles(op.GATHER_TILES), prefixes=dict(v="nchw", a="logits", m="ghost", d="ghost"),
+             tiles=cc_tiles(op.GATHER_TILES), prefixes=dict(v="v", a="logits", m="ghost", d="ghost", o="out"),
              loops=lambda cfg: [("softmax stats", KK), ("neighbour rows", K, [("neighbour columns", K)])],
              dram=(n * C * hw * 2 + n * KK * hw) * el),
         dict(kernel="grad_logits+ghost", fn=kernels.elsa_bwd_attn_kernel,
              flags=dict(geom, HAS_MUL=False, WRITE_LSE=True, NEED_ATTN=True, NEED_MUL=False, NEED_ADD=True),
              tiles=cc_tiles(op.REDUCE_TILES, all_c=True),
-             prefixes=dict(g="nchw", v="nchw", a="logits", m="ghost"),
+             prefixes=dict(g="grad", v="v", a="logits", m="ghost", ga="ga", gm="ghost_grad"),
              loops=lambda cfg: [("softmax stats", KK),
                                 ("neighbour rows", K, [("neighbour columns", K,
                                                         [("channel blocks", math.ceil(C / cfg["BLOCK_C"]))])]),
@@ -275,7 +310,7 @@ def kernel_cases(path: str, n: int, side: int) -> list[dict]:
              # ga float32 written, read back and re-written, then cast to bf16 by torch
              dram=(n * C * hw * 2 + n * KK * hw) * el + n * KK * hw * (4 * 4 + 2) + n * hw * 4),
         dict(kernel="grad_v", fn=kernels.elsa_bwd_v_kernel, flags=dict(geom, HAS_MUL=False, HAS_ADD=True),
-             tiles=cc_tiles(op.GATHER_TILES), prefixes=dict(g="nchw", a="logits", m="ghost", d="ghost"),
+             tiles=cc_tiles(op.GATHER_TILES), prefixes=dict(g="grad", a="logits", m="ghost", d="ghost", gv="out"),
              loops=lambda cfg: [("neighbour rows", K, [("neighbour columns", K)])],
              dram=(n * C * hw * 2 + n * KK * hw) * el + n * hw * 4),
     ]
@@ -290,10 +325,9 @@ def _compiled(fn, flags: tuple, ints: tuple, dtype: str, warps: int, stages: int
     return usage, _cuobjdump(cubin, "-sass")
 
 
-def analyse(case: dict, cfg: dict, launch: tuple[int, int], programs: int, n: int, side: int, dtype: str,
-            arch: int) -> dict:
+def analyse(case: dict, cfg: dict, launch: tuple[int, int], programs: int, g: dict, dtype: str, arch: int) -> dict:
     warps, stages = launch
-    g = _geometry(n, side)
+    n, side = g["samples"], g["H"]
     flags = dict(case["flags"], **cfg)
     ints = _ints(case["fn"], g, case["prefixes"])
     usage, sass = _compiled(case["fn"], tuple(sorted(flags.items())), tuple(sorted(ints.items())), dtype, warps,
@@ -322,11 +356,12 @@ def analyse(case: dict, cfg: dict, launch: tuple[int, int], programs: int, n: in
     return row
 
 
-def best_rows(path: str, n: int, side: int, dtype: str, arch: int) -> list[dict]:
+def best_rows(path: str, heads: int, side: int, layout: str, dtype: str, arch: int) -> list[dict]:
     """For each kernel of ``path``: every candidate tile, and the spill-free one of fewest instructions."""
     out = []
-    for case in kernel_cases(path, n, side):
-        rows = [analyse(case, cfg, launch, programs, n, side, dtype, arch) for cfg, launch, programs in case["tiles"]]
+    g = _geometry(BATCH, heads, side, layout)
+    for case in kernel_cases(path, BATCH, heads, side, layout):
+        rows = [analyse(case, cfg, launch, programs, g, dtype, arch) for cfg, launch, programs in case["tiles"]]
         ok = [r for r in rows if r["spill_bytes"] == 0] or rows
         best = min(ok, key=lambda r: r["instructions_per_element_neighbour"])
         keys = ("tile", "num_warps", "num_stages", "registers", "spill_bytes", "instructions_per_element_neighbour")
@@ -339,36 +374,26 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--json", default=None, help="default benchmarks/results/kernel_sass_sm<arch>.json")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS),
+                        help="layer (the ELSA layer's head-aware channels-last call; the last line's) and/or flat")
+    parser.add_argument("--paths", default="cuda-core,tensor-core")
+    parser.add_argument("--stages", default=",".join(s[0] for s in STAGES))
     args = parser.parse_args(argv)
 
     results, totals = [], {}
-    for path in ("cuda-core", "tensor-core"):
-        for stage, side, heads in STAGES:
-            n = BATCH * heads
-            rows = best_rows(path, n, side, args.dtype, args.arch)
-            total = round(sum(r["instructions_per_element_neighbour"] for r in rows), 2)
-            totals[(path, stage)] = total
-            for r in rows:
-                b = r["bounds"]
-                print(f"{path:11s} {stage} {r['kernel']:18s} {r['tile']} w{r['num_warps']} s{r['num_stages']}  "
-                      f"regs {r['registers']:3d} "
-                      f"spill {r['spill_bytes']:4d} B  smem {r['shared_bytes']:6d} B  "
-                      f"{r['instructions_per_element_neighbour']:5.2f} SASS/el-nb  "
-                      f"mma/prog-warp {r['mma_per_program_warp']:5d}  "
-                      f"H100 {b['H100']['bound']} {b['H100']['bound_ms']:.3f} ms  H200 {b['H200']['bound']} "
-                      f"{b['H200']['bound_ms']:.3f} ms", flush=True)
-            ms = {gpu: round(sum(r["bounds"][gpu]["bound_ms"] for r in rows), 4) for gpu in GPUS}
-            print(f"{path:11s} {stage} forward+backward: {total} SASS/el-nb, bound {ms['H100']} ms (H100), "
-                  f"{ms['H200']} ms (H200)", flush=True)
-            results.append(dict(path=path, stage=stage, N=n, C=CHANNELS, H=side, W=side, kernels=rows,
-                                instructions_per_element_neighbour=total, bound_ms=ms))
+    layouts = args.layouts.split(",")
+    for layout in layouts:
+        for path in args.paths.split(","):
+            for stage, side, heads in (s for s in STAGES if s[0] in args.stages.split(",")):
+                results.append(_stage(path, stage, side, heads, layout, args, totals))
 
     result = dict(
         benchmark="kernel_sass", date=datetime.date.today().isoformat(), target=f"sm_{args.arch}",
         dtype=args.dtype, kernel_size=KERNEL_SIZE, channels_per_head=CHANNELS, batch=BATCH, triton=triton.__version__,
         gpus={k: dict(sms=v[0], clock_ghz=v[1], copy_gbs=round(v[2])) for k, v in GPUS.items()},
         note=("static: compiled launch-like and disassembled without a GPU; whole kernels, loops weighted by trip "
-              "count; predicts issue cost and lower bounds, measures no time"),
+              "count; predicts issue cost and lower bounds, measures no time. layout 'layer': the ELSA layer's "
+              "head-aware call on channels-last maps; 'flat': contiguous (N, C, H, W) inputs, one head per sample"),
         results=results,
     )
     out = Path(args.json) if args.json else Path(__file__).parent / "results" / f"kernel_sass_sm{args.arch}.json"
@@ -377,9 +402,31 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
-    print(f"kernel_sass: stage-1 {args.dtype} fused-softmax forward+backward, whole kernels: "
-          f"{totals[('tensor-core', 'stage1')]} SASS instructions per element-neighbour")
+    key = (layouts[0], "tensor-core", "stage1")
+    if key in totals:
+        print(f"kernel_sass: stage-1 {args.dtype} fused-softmax forward+backward, whole kernels: "
+              f"{totals[key]} SASS instructions per element-neighbour")
     return result
+
+
+def _stage(path: str, stage: str, side: int, heads: int, layout: str, args, totals: dict) -> dict:
+    """Count and print one (layout, path, stage); its forward+backward total goes into ``totals``."""
+    rows = best_rows(path, heads, side, layout, args.dtype, args.arch)
+    total = round(sum(r["instructions_per_element_neighbour"] for r in rows), 2)
+    totals[(layout, path, stage)] = total
+    for r in rows:
+        b = r["bounds"]
+        print(f"{layout:5s} {path:11s} {stage} {r['kernel']:18s} {r['tile']} w{r['num_warps']} s{r['num_stages']}  "
+              f"regs {r['registers']:3d} spill {r['spill_bytes']:4d} B  smem {r['shared_bytes']:6d} B  "
+              f"{r['instructions_per_element_neighbour']:5.2f} SASS/el-nb  "
+              f"mma/prog-warp {r['mma_per_program_warp']:5d}  "
+              f"H100 {b['H100']['bound']} {b['H100']['bound_ms']:.3f} ms  "
+              f"H200 {b['H200']['bound']} {b['H200']['bound_ms']:.3f} ms", flush=True)
+    ms = {gpu: round(sum(r["bounds"][gpu]["bound_ms"] for r in rows), 4) for gpu in GPUS}
+    print(f"{layout:5s} {path:11s} {stage} forward+backward: {total} SASS/el-nb, bound {ms['H100']} ms (H100), "
+          f"{ms['H200']} ms (H200)", flush=True)
+    return dict(layout=layout, path=path, stage=stage, N=BATCH * heads, C=CHANNELS, H=side, W=side, kernels=rows,
+                instructions_per_element_neighbour=total, bound_ms=ms)
 
 
 if __name__ == "__main__":

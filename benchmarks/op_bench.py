@@ -2,11 +2,14 @@
 
 For each stage (224 input: 56x56x96 / 3 heads, 28x28x192 / 6 heads, 14x14x384 / 12 heads; K = 7, stride 1,
 dilation 1, additive ghost only as ELSA-Swin uses: lam = 0, gamma = 1), each dtype, each entry point
-(``elsa_aggregate`` with a softmaxed map, ``elsa_softmax_aggregate`` with logits) and each backend
-(triton on CUDA only, native, reference), it measures:
+(``aggregate``: ``elsa_aggregate`` with a softmaxed map, ``softmax_aggregate``: ``elsa_softmax_aggregate`` with
+logits, both in the flat form; ``softmax_heads``: ``elsa_softmax_aggregate(..., num_heads=G)`` as the ELSA layer
+calls it) and each backend (triton on CUDA only, native, reference), it measures:
 
-- forward time and forward+backward time (median of repeated runs; inputs are (N, C, H, W) with
-  N = batch * heads and C = channels / heads = 32);
+- forward time and forward+backward time (median of repeated runs; flat inputs are contiguous (N, C, H, W) with
+  N = batch * heads and C = channels / heads = 32; head-aware inputs are what the layer's projections write:
+  v a channel slice of a channels-last (batch, H, W, 2*dim_qk + channels) map, logits (batch, H, W, G*K*K)
+  viewed as (batch, G*K*K, H, W), one ghost per head, the output gradient channels-last);
 - peak memory allocated by one forward+backward beyond its inputs (CUDA only: torch.cuda.max_memory_allocated;
   null on CPU);
 - achieved bandwidth: the bytes the op must move at minimum (read v, attention, ghost; write out; and for
@@ -45,7 +48,7 @@ except ImportError:  # run from a checkout without installing
 # (name, H = W, channels, heads) of ELSA-Swin-T's ELSA stages at 224x224 input.
 STAGES = [("stage1", 56, 96, 3), ("stage2", 28, 192, 6), ("stage3", 14, 384, 12)]
 KERNEL_SIZE = 7
-ENTRIES = ("aggregate", "softmax_aggregate")
+ENTRIES = ("aggregate", "softmax_aggregate", "softmax_heads")
 
 
 def _sync(device: str) -> None:
@@ -100,27 +103,47 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def bench_case(backend: str, entry: str, n: int, c: int, hw_side: int, dtype: torch.dtype, device: str,
-               budget_s: float) -> dict:
+def _head_inputs(batch: int, heads: int, c: int, side: int, dtype: torch.dtype, device: str, gen) -> tuple:
+    """(qkv, logits, ghost, grad) as the ELSA layer hands them to the operator: v is the last heads * c channels
+    of the channels-last qkv map (see the module docstring)."""
+    kk, gc = KERNEL_SIZE * KERNEL_SIZE, heads * c
+    qkv = torch.randn(batch, side, side, 2 * (gc // 3 * 2) + gc, device=device, dtype=dtype, generator=gen)
+    logits = torch.randn(batch, side, side, heads * kk, device=device, dtype=dtype, generator=gen).permute(0, 3, 1, 2)
+    ghost = torch.randn(heads, c, KERNEL_SIZE, KERNEL_SIZE, device=device, dtype=dtype, generator=gen) * 0.02
+    grad = torch.randn(batch, side, side, gc, device=device, dtype=dtype, generator=gen).permute(0, 3, 1, 2)
+    return qkv, logits, ghost, grad
+
+
+def bench_case(backend: str, entry: str, batch: int, heads: int, c: int, hw_side: int, dtype: torch.dtype,
+               device: str, budget_s: float) -> dict:
     from elsa.ops import elsa_aggregate, elsa_softmax_aggregate
 
     kk = KERNEL_SIZE * KERNEL_SIZE
+    n = batch * heads
     gen = torch.Generator(device=device).manual_seed(0)
-    v = torch.randn(n, c, hw_side, hw_side, device=device, dtype=dtype, generator=gen)
-    logits = torch.randn(n, kk, hw_side, hw_side, device=device, dtype=dtype, generator=gen)
-    attn = logits if entry == "softmax_aggregate" else logits.softmax(1)
-    ghost = (torch.randn(1, c, KERNEL_SIZE, KERNEL_SIZE, device=device, dtype=dtype, generator=gen) * 0.02
-             ).expand(n, -1, -1, -1).contiguous()
-    grad = torch.randn(n, c, hw_side, hw_side, device=device, dtype=dtype, generator=gen)
-    fn = elsa_softmax_aggregate if entry == "softmax_aggregate" else elsa_aggregate
-    leaves = [t.detach().clone().requires_grad_() for t in (v, attn, ghost)]
+    if entry == "softmax_heads":
+        first, attn, ghost, grad = _head_inputs(batch, heads, c, hw_side, dtype, device, gen)
+        v_of = lambda qkv: qkv[..., -heads * c:].permute(0, 3, 1, 2)  # noqa: E731 - a view, as in the layer
+        geometry = dict(kernel_size=KERNEL_SIZE, num_heads=heads, backend=backend)
+    else:
+        first = torch.randn(n, c, hw_side, hw_side, device=device, dtype=dtype, generator=gen)
+        logits = torch.randn(n, kk, hw_side, hw_side, device=device, dtype=dtype, generator=gen)
+        attn = logits if entry == "softmax_aggregate" else logits.softmax(1)
+        ghost = (torch.randn(1, c, KERNEL_SIZE, KERNEL_SIZE, device=device, dtype=dtype, generator=gen) * 0.02
+                 ).expand(n, -1, -1, -1).contiguous()
+        grad = torch.randn(n, c, hw_side, hw_side, device=device, dtype=dtype, generator=gen)
+        v_of = lambda v: v  # noqa: E731
+        geometry = dict(kernel_size=KERNEL_SIZE, backend=backend)
+    fn = elsa_aggregate if entry == "aggregate" else elsa_softmax_aggregate
+    # clone keeps the (channels-last) strides of these dense tensors
+    leaves = [t.detach().clone().requires_grad_() for t in (first, attn, ghost)]
 
     def forward():
         with torch.no_grad():
-            return fn(v, attn, None, ghost, kernel_size=KERNEL_SIZE, backend=backend)
+            return fn(v_of(first), attn, None, ghost, **geometry)
 
     def forward_backward():
-        out = fn(leaves[0], leaves[1], None, leaves[2], kernel_size=KERNEL_SIZE, backend=backend)
+        out = fn(v_of(leaves[0]), leaves[1], None, leaves[2], **geometry)
         return torch.autograd.grad(out, leaves, grad)
 
     result: dict = {}
@@ -209,7 +232,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             elem = torch.finfo(dtype).bits // 8
             for entry in entries:
                 for backend in backends:
-                    res = bench_case(backend, entry, n, c, side, dtype, device, budget)
+                    res = bench_case(backend, entry, args.batch, heads, c, side, dtype, device, budget)
                     if device == "cuda":
                         torch.cuda.empty_cache()  # the case's tensors are freed; an OOM left nothing behind
                     row = dict(stage=stage, H=side, W=side, channels=channels, heads=heads, N=n, C=c,

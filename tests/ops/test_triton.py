@@ -187,7 +187,8 @@ def test_extreme_logits():
 
 @pytest.mark.parametrize("softmax", [False, True], ids=["plain", "softmax"])
 def test_opcheck(softmax):
-    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the custom ops."""
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the custom ops, called as
+    the flat form with one head (num_heads left at its default; N = 1 makes the (N, C, K, K) ghosts (G, C, K, K))."""
     v, attn, m, d = _inputs(1, 2, 5, 7, 3, 1, True, True)
     fwd = op.triton_softmax_aggregate if softmax else op.triton_aggregate
     args = (v.requires_grad_(), attn.requires_grad_(), m.requires_grad_(), d.requires_grad_(), 3, 1, 1)
@@ -195,7 +196,8 @@ def test_opcheck(softmax):
     g = torch.randn(1, 2, 5, 7, device=DEVICE)
     # The backward op has no autograd of its own (no double backward): schema and fake implementation.
     torch.library.opcheck(op.triton_aggregate_backward,
-                          (g, v.detach(), attn.detach(), m.detach(), None, 3, 1, 1, softmax, True, True, True, False),
+                          (g, v.detach(), attn.detach(), m.detach(), None, 3, 1, 1, 1, softmax, True, True, True,
+                           False),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -310,7 +312,7 @@ def band_calls(monkeypatch):
 def test_band_matches_reference(n, c, h, w, k, dilation, add, softmax, dtype, band_calls):
     inputs = _inputs(n, c, h, w, k, 1, False, add, dtype=dtype, logit_scale=3.0 if softmax else 0.5)
     assert band.applies(inputs[0], None, 1)
-    strides = {f"ss_{d}": st for d, st in zip("nchw", inputs[0].stride())}
+    strides = {f"ss_{d}": st for d, st in zip("bchw", inputs[0].stride())}
     vec = band.vector_width(dict(W=w, src_ptr=inputs[0], **strides))
     assert vec == (8 if w % 8 == 0 else 4 if w % 4 == 0 else 2 if w % 2 == 0 else 1)
     _compare(inputs, k, dilation, 1, softmax=softmax)

@@ -15,7 +15,8 @@ written in standard ops instead (``decomposed``), whatever the backend.
 
 With ``num_heads=G`` both entry points are head-aware: ``v`` is (B, G*C, H, W) and the attention
 (B, G*K*K, Ho, Wo), as a projection writes them (channels-last strides are read as they are), and the ghosts
-are (G, C, K, K), one for the whole batch. Backends without a head-aware kernel get flattened copies.
+are (G, C, K, K), one for the whole batch. ``cpp`` and ``triton`` have head-aware kernels, which take this
+without a copy and write channels-last outputs; ``native`` and ``reference`` get flattened copies.
 """
 from __future__ import annotations
 
@@ -77,22 +78,16 @@ def _cpp_why_not(v: Tensor) -> Optional[str]:
     return why_not(v)
 
 
-def _triton_aggregate() -> AggregateFn:
-    from .triton.op import aggregate
+def _triton_heads_aggregate() -> HeadsAggregateFn:
+    from .triton.op import heads_aggregate
 
-    return aggregate
-
-
-def _triton_softmax_aggregate() -> AggregateFn:
-    from .triton.op import softmax_aggregate
-
-    return softmax_aggregate
+    return heads_aggregate
 
 
 # Priority order for automatic selection: the first backend that can run wins.
 BACKENDS: dict[str, Backend] = {
-    "triton": Backend("triton", _triton_why_not, _triton_aggregate, auto_devices=("cuda",),
-                      softmax_aggregate=_triton_softmax_aggregate),
+    "triton": Backend("triton", _triton_why_not, _triton_heads_aggregate, auto_devices=("cuda",),
+                      heads_aggregate=_triton_heads_aggregate),
     "cpp": Backend("cpp", _cpp_why_not, lambda: _cpp_op.cpp_aggregate, auto_devices=("cpu",),
                    heads_aggregate=lambda: _cpp_op.cpp_aggregate),
     "native": Backend("native", _any_device, lambda: native.aggregate, auto_devices=("cpu", "cuda", "meta")),
@@ -183,7 +178,7 @@ def elsa_aggregate(
 
     Returns:
         (N, C, H // stride, W // stride), or (B, G*C, H // stride, W // stride) with ``num_heads``; dtype of ``v``.
-        The head-aware form returns channels-last strides on the ``cpp`` backend, so that
+        The head-aware form returns channels-last strides on the ``cpp`` and ``triton`` backends, so that
         ``out.permute(0, 2, 3, 1)`` is contiguous.
     """
     kernel_size = check_aggregate_args(v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride, num_heads)

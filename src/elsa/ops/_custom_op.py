@@ -44,3 +44,31 @@ def make_backward(backward_op: Callable[..., tuple[Tensor, ...]], *extra: object
         return (*grads, *(None for _ in ctx.geometry))
 
     return backward
+
+
+# ---------------------------------------------------------------------------------------------------------
+# head-aware ops: (v (B, G*C, H, W), attn (B, G*K*K, Ho, Wo), ghosts (G, C, K, K) or (B, G, C, K, K), ...,
+# num_heads) with channels-last outputs
+
+
+def channels_last_empty(like: Tensor, b: int, channels: int, h: int, w: int, dtype=None) -> Tensor:
+    """An uninitialised (b, channels, h, w) tensor with channels-last strides: its ``permute(0, 2, 3, 1)`` is the
+    contiguous (b, h, w, channels) map a following projection reads."""
+    return like.new_empty((b, h, w, channels), dtype=dtype).permute(0, 3, 1, 2)
+
+
+def fake_heads_forward(v: Tensor, attn: Tensor, ghost_mul: Optional[Tensor], ghost_add: Optional[Tensor],
+                       kernel_size: int, dilation: int, stride: int, num_heads: int = 1) -> Tensor:
+    return channels_last_empty(v, v.shape[0], v.shape[1], attn.shape[2], attn.shape[3])
+
+
+def fake_heads_gradients(v: Tensor, attn: Tensor, ghost_mul: Optional[Tensor], ghost_add: Optional[Tensor],
+                         need_v: bool, need_attn: bool, need_mul: bool, need_add: bool) -> tuple[Tensor, ...]:
+    """Gradients of a head-aware op: channels-last for v and the attention, the ghosts' own shapes."""
+    b, gc, h, w = v.shape
+    return (
+        channels_last_empty(v, b, gc, h, w) if need_v else v.new_empty(0),
+        channels_last_empty(attn, b, attn.shape[1], attn.shape[2], attn.shape[3]) if need_attn else v.new_empty(0),
+        ghost_mul.new_empty(ghost_mul.shape) if need_mul and ghost_mul is not None else v.new_empty(0),
+        ghost_add.new_empty(ghost_add.shape) if need_add and ghost_add is not None else v.new_empty(0),
+    )

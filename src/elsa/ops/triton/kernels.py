@@ -1,9 +1,12 @@
 """Triton kernels for ELSA aggregation (spec section 1). Only ``@triton.jit`` functions live here.
 
-Notation: v (N, C, H, W), attention a (N, K*K, Ho, Wo), ghosts m, d (N, C, K, K), out and its gradient
-g (N, C, Ho, Wo). Neighbour k = i*K + j of output pixel (y, x) reads v at
-(y*S + (i - K//2)*R, x*S + (j - K//2)*R), zero outside the image. Every tensor is addressed through its
-strides, so non-contiguous views (a head split of a qkv projection, an expanded gradient) need no copy.
+Notation: the kernels work on N = B * G samples, one (batch element b, head g) each, n = b * G + g, with C
+channels per head. v (B, G*C, H, W), attention a (B, G*K*K, Ho, Wo), ghosts m, d (G, C, K, K) shared by the
+batch or (B, G, C, K, K) per sample, out and its gradient g (B, G*C, Ho, Wo). Neighbour k = i*K + j of output
+pixel (y, x) reads v at (y*S + (i - K//2)*R, x*S + (j - K//2)*R), zero outside the image. Every tensor is
+addressed through its strides (``_sample``: sample n of a tensor with batch stride s_b and head stride s_g),
+so the channels-last maps a projection writes, head slices and expanded gradients need no copy; a ghost shared
+by the batch has batch stride 0.
 
 All arithmetic is float32 whatever the storage dtype; results are cast on store.
 
@@ -25,6 +28,12 @@ import triton.language as tl
 # A finite "minus infinity" for the running max: a -inf start would make exp(-inf - -inf) = nan when a
 # logit is itself -inf (a masked neighbour).
 _NEG_BIG = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _sample(n, G, s_b, s_g):
+    """Offset of sample n = b * G + g (int64) in a tensor whose batch and head strides are s_b and s_g."""
+    return (n // G) * s_b + (n % G) * s_g
 
 
 @triton.jit
@@ -107,16 +116,17 @@ def _softmax_stats(a_base, a_off, mask_p, stride_ak, KK: tl.constexpr, BLOCK_P: 
 @triton.jit
 def elsa_fwd_kernel(
     v_ptr, a_ptr, m_ptr, d_ptr, out_ptr,
-    C, H, W, Ho, Wo,
-    sv_n, sv_c, sv_h, sv_w,
-    sa_n, sa_k, sa_h, sa_w,
-    sm_n, sm_c, sm_i, sm_j,
-    sd_n, sd_c, sd_i, sd_j,
+    C, H, W, Ho, Wo, G,
+    sv_b, sv_c, sv_h, sv_w,
+    sa_b, sa_k, sa_h, sa_w,
+    sm_b, sm_g, sm_c, sm_i, sm_j,
+    sd_b, sd_g, sd_c, sd_i, sd_j,
+    so_b, so_c, so_h, so_w,
     K: tl.constexpr, DIL: tl.constexpr, STRIDE: tl.constexpr,
     HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr, SOFTMAX: tl.constexpr,
     EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """out (N, C, Ho, Wo), contiguous. Grid: (N * channel blocks * pixel tiles,), pixel tiles fastest."""
+    """out (B, G*C, Ho, Wo) through its strides. Grid: (N * channel blocks * pixel tiles,), pixel tiles fastest."""
     pid_nc, pid_p = _split_pid(Ho * Wo, BLOCK_P)
     n, offs_c, mask_c, load_c = _channel_block(pid_nc, C, EVEN_C, BLOCK_C)
 
@@ -125,7 +135,7 @@ def elsa_fwd_kernel(
     y = offs_p // Wo
     x = offs_p % Wo
 
-    a_base = a_ptr + n * sa_n
+    a_base = a_ptr + _sample(n, G, sa_b, K * K * sa_k)
     a_off = y * sa_h + x * sa_w
     if SOFTMAX:
         mx, sm = _softmax_stats(a_base, a_off, mask_p, sa_k, K * K, BLOCK_P)
@@ -134,9 +144,9 @@ def elsa_fwd_kernel(
     # Index arithmetic is hoisted out of the K*K loop by hand: the compiler would do it on a GPU, the CPU
     # interpreter (where the tests run) pays for every integer op.
     a_ptrs = a_base + a_off
-    v_base = v_ptr + n * sv_n + load_c[:, None] * sv_c
-    m_base = m_ptr + n * sm_n + load_c * sm_c
-    d_base = d_ptr + n * sd_n + load_c * sd_c
+    v_base = v_ptr + _sample(n, G, sv_b, C * sv_c) + load_c[:, None] * sv_c
+    m_base = m_ptr + _sample(n, G, sm_b, sm_g) + load_c * sm_c
+    d_base = d_ptr + _sample(n, G, sd_b, sd_g) + load_c * sd_c
     y0 = y * STRIDE - (K // 2) * DIL
     x0 = x * STRIDE - (K // 2) * DIL
     acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
@@ -158,18 +168,21 @@ def elsa_fwd_kernel(
             vv = tl.load(v_row + (_clamp(xx, W) * sv_w)[None, :]).to(tl.float32)
             acc += vv * _neighbour_weight(a, inside, m_row + j * sm_j, d_row + j * sd_j, HAS_MUL, HAS_ADD)
 
-    out_ptrs = out_ptr + (n * C + offs_c[:, None]) * (Ho * Wo) + offs_p[None, :]
+    out_ptrs = (out_ptr + _sample(n, G, so_b, C * so_c) + offs_c[:, None] * so_c
+                + (y * so_h + x * so_w)[None, :])
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
 
 
 @triton.jit
 def elsa_bwd_attn_kernel(
     g_ptr, v_ptr, a_ptr, m_ptr, ga_ptr, gm_ptr, gd_ptr, lse_ptr,
-    C, H, W, Ho, Wo,
-    sg_n, sg_c, sg_h, sg_w,
-    sv_n, sv_c, sv_h, sv_w,
-    sa_n, sa_k, sa_h, sa_w,
-    sm_n, sm_c, sm_i, sm_j,
+    C, H, W, Ho, Wo, G,
+    sg_b, sg_c, sg_h, sg_w,
+    sv_b, sv_c, sv_h, sv_w,
+    sa_b, sa_k, sa_h, sa_w,
+    sm_b, sm_g, sm_c, sm_i, sm_j,
+    sga_b, sga_k, sga_h, sga_w,
+    sgm_b,
     K: tl.constexpr, DIL: tl.constexpr, STRIDE: tl.constexpr,
     HAS_MUL: tl.constexpr, SOFTMAX: tl.constexpr, WRITE_LSE: tl.constexpr,
     NEED_ATTN: tl.constexpr, NEED_MUL: tl.constexpr, NEED_ADD: tl.constexpr,
@@ -179,11 +192,13 @@ def elsa_bwd_attn_kernel(
 
     With prod[c, p] = g[n,c,p] * v_k[n,c,p] (v_k: v shifted to neighbour k):
       ga[n,k,p] = sum_c prod * m[n,c,k]      (dp; with SOFTMAX, then p * (dp - sum_k p*dp))
-      gm[n,c,k] += sum_p prod * a[n,k,p]     (float32, atomically across pixel tiles)
-      gd[n,c,k] += sum_p prod
-    ga and the float32 gm/gd buffers are contiguous. With SOFTMAX and WRITE_LSE, lse (N, Ho*Wo) float32
-    receives max + log(sum exp) for the v-gradient kernel, and ga first holds dp, then is overwritten in place
-    by the logit gradient (the same program reads back what it wrote).
+      gm[n,c,k] += sum_p prod * a[n,k,p]     (float32, atomically across pixel tiles and, for a ghost
+      gd[n,c,k] += sum_p prod                 shared by the batch, across the batch)
+    ga (B, G*K*K, Ho, Wo) is addressed through its strides. The float32 gm/gd buffers are (Bg, G, C, K*K)
+    contiguous, Bg = B for per-sample ghosts (batch stride sgm_b = G*C*K*K) or 1 for shared ones (sgm_b = 0:
+    every sample adds into its head's row). With SOFTMAX and WRITE_LSE, lse (N, Ho*Wo) float32 receives
+    max + log(sum exp) for the v-gradient kernel, and ga first holds dp, then is overwritten in place by the
+    logit gradient (the same program reads back what it wrote).
     """
     n, pid_p = _split_pid(Ho * Wo, BLOCK_P)
     n = n.to(tl.int64)
@@ -197,13 +212,13 @@ def elsa_bwd_attn_kernel(
     y = p_safe // Wo
     x = p_safe % Wo
 
-    a_base = a_ptr + n * sa_n
+    a_base = a_ptr + _sample(n, G, sa_b, KK * sa_k)
     a_off = y * sa_h + x * sa_w
-    g_base = g_ptr + n * sg_n + (y * sg_h + x * sg_w)[None, :]
-    v_base = v_ptr + n * sv_n
-    m_base = m_ptr + n * sm_n
-    ga_base = ga_ptr + n * KK * Ho * Wo + offs_p
-    gmd_base = (n * C) * KK
+    g_base = g_ptr + _sample(n, G, sg_b, C * sg_c) + (y * sg_h + x * sg_w)[None, :]
+    v_base = v_ptr + _sample(n, G, sv_b, C * sv_c)
+    m_base = m_ptr + _sample(n, G, sm_b, sm_g)
+    ga_base = ga_ptr + _sample(n, G, sga_b, KK * sga_k) + y * sga_h + x * sga_w
+    gmd_base = _sample(n, G, sgm_b, C * KK)
     if SOFTMAX:
         mx, sm = _softmax_stats(a_base, a_off, mask_p, sa_k, KK, BLOCK_P)
         inv_sm = 1.0 / sm
@@ -260,7 +275,7 @@ def elsa_bwd_attn_kernel(
                     tl.store(ga_ptrs, dp.to(ga_ptr.dtype.element_ty), mask=mask_p)
                     if SOFTMAX:
                         pdp += a * dp
-                ga_ptrs += Ho * Wo
+                ga_ptrs += sga_k
 
     if SOFTMAX and NEED_ATTN:
         # Softmax backward: d logit_k = p_k * (dp_k - sum_k' p_k' dp_k'), with dp read back from ga, where
@@ -275,17 +290,18 @@ def elsa_bwd_attn_kernel(
             dp = tl.load(ga_ptrs, mask=mask_p, other=0.0).to(tl.float32)
             tl.store(ga_ptrs, (a * (dp - pdp)).to(ga_ptr.dtype.element_ty), mask=mask_p)
             a_ptrs += sa_k
-            ga_ptrs += Ho * Wo
+            ga_ptrs += sga_k
 
 
 @triton.jit
 def elsa_bwd_v_kernel(
     g_ptr, a_ptr, m_ptr, d_ptr, lse_ptr, gv_ptr,
-    C, H, W, Ho, Wo,
-    sg_n, sg_c, sg_h, sg_w,
-    sa_n, sa_k, sa_h, sa_w,
-    sm_n, sm_c, sm_i, sm_j,
-    sd_n, sd_c, sd_i, sd_j,
+    C, H, W, Ho, Wo, G,
+    sg_b, sg_c, sg_h, sg_w,
+    sa_b, sa_k, sa_h, sa_w,
+    sm_b, sm_g, sm_c, sm_i, sm_j,
+    sd_b, sd_g, sd_c, sd_i, sd_j,
+    sgv_b, sgv_c, sgv_h, sgv_w,
     K: tl.constexpr, DIL: tl.constexpr, STRIDE: tl.constexpr,
     HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr, SOFTMAX: tl.constexpr,
     EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -295,7 +311,7 @@ def elsa_bwd_v_kernel(
     Input pixel (py, px) is neighbour k = (i, j) of output q = ((py - (i-K//2)*R) / S, (px - (j-K//2)*R) / S)
     when both divisions are exact and q lies in the output map:
       gv[n,c,p] = sum_k g[n,c,q] * (m[n,c,k] * a[n,k,q] + d[n,c,k]).
-    gv (N, C, H, W) is contiguous.
+    gv (B, G*C, H, W) is addressed through its strides.
     """
     pid_nc, pid_p = _split_pid(H * W, BLOCK_P)
     n, offs_c, mask_c, load_c = _channel_block(pid_nc, C, EVEN_C, BLOCK_C)
@@ -305,10 +321,10 @@ def elsa_bwd_v_kernel(
     py = offs_p // W
     px = offs_p % W
 
-    a_base = a_ptr + n * sa_n
-    g_base = g_ptr + n * sg_n + load_c[:, None] * sg_c
-    m_base = m_ptr + n * sm_n + load_c * sm_c
-    d_base = d_ptr + n * sd_n + load_c * sd_c
+    a_base = a_ptr + _sample(n, G, sa_b, K * K * sa_k)
+    g_base = g_ptr + _sample(n, G, sg_b, C * sg_c) + load_c[:, None] * sg_c
+    m_base = m_ptr + _sample(n, G, sm_b, sm_g) + load_c * sm_c
+    d_base = d_ptr + _sample(n, G, sd_b, sd_g) + load_c * sd_c
     lse_base = lse_ptr + n * Ho * Wo
     # ty = py - (i - K//2)*R: the output row (times S) that sees this pixel as neighbour row i.
     ty0 = py + (K // 2) * DIL
@@ -338,5 +354,6 @@ def elsa_bwd_v_kernel(
             gg = tl.load(g_row + (_clamp(qx, Wo) * sg_w)[None, :]).to(tl.float32)
             acc += gg * _neighbour_weight(a, ok, m_row + j * sm_j, d_row + j * sd_j, HAS_MUL, HAS_ADD)
 
-    gv_ptrs = gv_ptr + (n * C + offs_c[:, None]) * (H * W) + offs_p[None, :]
+    gv_ptrs = (gv_ptr + _sample(n, G, sgv_b, C * sgv_c) + offs_c[:, None] * sgv_c
+               + (py * sgv_h + px * sgv_w)[None, :])
     tl.store(gv_ptrs, acc.to(gv_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])

@@ -1,7 +1,9 @@
 """Tensor-core Triton kernels for ELSA aggregation at stride 1 (row-band products). Only ``@triton.jit`` here.
 
-Notation as in ``kernels.py``: v (N, C, H, W), logits/attention a (N, K*K, H, W), additive ghost d (N, C, K, K);
-neighbour k = i*K + j of pixel (y, x) reads v at (y + (i - K//2)*R, x + (j - K//2)*R), zero outside the image.
+Notation as in ``kernels.py``: N = B * G samples n = b * G + g of C channels, v (B, G*C, H, W), logits/attention
+a (B, G*K*K, H, W), additive ghost d (G, C, K, K) or (B, G, C, K, K), all addressed through their strides
+(``kernels._sample``); neighbour k = i*K + j of pixel (y, x) reads v at (y + (i - K//2)*R, x + (j - K//2)*R),
+zero outside the image.
 
 A program owns a TILE_H x TILE_W tile of pixels and a block of channels. For each neighbour row i the tile's
 pixel row ty reads one source row, and its pixels read K columns of the same ``SPAN``-wide window of it
@@ -34,13 +36,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .kernels import _sample
+
 _NEG_BIG = tl.constexpr(-1.0e30)
-
-
-@triton.jit
-def _sample(n, s_n):
-    """Offset of sample n of the flattened batch. The one place a (batch, head) addressing would change."""
-    return n * s_n
 
 
 @triton.jit
@@ -132,16 +130,17 @@ def _dot(a, b, acc, UPCAST_DOT: tl.constexpr):
 @triton.jit
 def elsa_band_kernel(
     src_ptr, a_ptr, d_ptr, lse_ptr, out_ptr,
-    C, H, W,
-    ss_n, ss_c, ss_h, ss_w,
-    sa_n, sa_k, sa_h, sa_w,
-    sd_n, sd_c, sd_i, sd_j,
+    C, H, W, G,
+    ss_b, ss_c, ss_h, ss_w,
+    sa_b, sa_k, sa_h, sa_w,
+    sd_b, sd_g, sd_c, sd_i, sd_j,
+    so_b, so_c, so_h, so_w,
     K: tl.constexpr, DIL: tl.constexpr,
     HAS_ADD: tl.constexpr, SOFTMAX: tl.constexpr, TRANSPOSED: tl.constexpr, UPCAST_DOT: tl.constexpr,
     EVEN_C: tl.constexpr, VEC: tl.constexpr,
     BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, SPAN: tl.constexpr, KP: tl.constexpr,
 ):
-    """Forward (src = v) or, with TRANSPOSED, v-gradient (src = grad of out). out (N, C, H, W) contiguous.
+    """Forward (src = v) or, with TRANSPOSED, v-gradient (src = grad of out). out (B, G*C, H, W) by its strides.
 
     Grid: (N * channel blocks * pixel tiles,), tiles fastest. lse (N, H, W) float32 is read only when
     TRANSPOSED and SOFTMAX. The K logits of a neighbour row are loaded compactly (KP slots per pixel, a
@@ -154,7 +153,7 @@ def elsa_band_kernel(
     KK: tl.constexpr = K * K
     HALF: tl.constexpr = (K // 2) * DIL
     if VEC > 1:
-        ss_n = tl.multiple_of(ss_n, VEC)
+        ss_b = tl.multiple_of(ss_b, VEC)
         ss_c = tl.multiple_of(ss_c, VEC)
         ss_h = tl.multiple_of(ss_h, VEC)
 
@@ -171,9 +170,9 @@ def elsa_band_kernel(
     xs, in_xs = _window_columns(x0, W, VEC, SPAN, _pad(K, DIL, VEC))
     in_p = (y < H)[:, None] & (x < W)[None, :]
 
-    src_base = src_ptr + _sample(n, ss_n)
-    a_base = a_ptr + _sample(n, sa_n)
-    d_base = d_ptr + _sample(n, sd_n)
+    src_base = src_ptr + _sample(n, G, ss_b, C * ss_c)
+    a_base = a_ptr + _sample(n, G, sa_b, KK * sa_k)
+    d_base = d_ptr + _sample(n, G, sd_b, sd_g)
     j = _band_index(TILE_W, SPAN, K, DIL, TRANSPOSED, VEC)  # (1, TILE_W, SPAN)
     j_t = tl.permute(j, (0, 2, 1))  # (1, SPAN, TILE_W)
 
@@ -227,18 +226,20 @@ def elsa_band_kernel(
 
     if HAS_ADD:
         acc += tl.permute(gacc, (1, 2, 0))
-    out_ptrs = (out_ptr + (n * C + offs_c)[None, None, :] * (H * W) + (y * W)[:, None, None]
-                + x[None, :, None])
+    out_ptrs = (out_ptr + _sample(n, G, so_b, C * so_c) + (offs_c * so_c)[None, None, :]
+                + (y * so_h)[:, None, None] + (x * so_w)[None, :, None])
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_p[:, :, None] & mask_c[None, None, :])
 
 
 @triton.jit
 def elsa_band_bwd_attn_kernel(
     g_ptr, v_ptr, a_ptr, ga_ptr, dp_ptr, gd_ptr, lse_ptr,
-    C, H, W,
-    sg_n, sg_c, sg_h, sg_w,
-    sv_n, sv_c, sv_h, sv_w,
-    sa_n, sa_k, sa_h, sa_w,
+    C, H, W, G,
+    sg_b, sg_c, sg_h, sg_w,
+    sv_b, sv_c, sv_h, sv_w,
+    sa_b, sa_k, sa_h, sa_w,
+    sga_b, sga_k, sga_h, sga_w,
+    sgd_b,
     K: tl.constexpr, DIL: tl.constexpr,
     SOFTMAX: tl.constexpr, WRITE_LSE: tl.constexpr, NEED_ATTN: tl.constexpr, NEED_ADD: tl.constexpr,
     UPCAST_DOT: tl.constexpr, ALL_C: tl.constexpr, VEC: tl.constexpr, G_VEC: tl.constexpr,
@@ -250,8 +251,9 @@ def elsa_band_bwd_attn_kernel(
     GV_i = G (TILE_H, TILE_W, C) @ V_i^T (TILE_H, C, SPAN), hold dp[k, p] = sum_c g[c, p] v[c, q_k(p)] on
     their band (gathered out with ``tl.gather``); per channel, M_i[c] = G[c]^T (TILE_W, TILE_H) @ V_i[c]
     (TILE_H, SPAN) holds the ghost gradient sum_p g[c, p] v[c, q_k(p)] on its band, summed over the tile's
-    columns and added atomically (float32) to gd (N, C, K*K). ga (N, K*K, H, W) is contiguous. With SOFTMAX,
-    dp goes first to the float32 scratch dp (N, K*K, H, W): the softmax backward
+    columns and added atomically (float32) to gd (Bg, G, C, K*K) (Bg = 1, batch stride sgd_b = 0, for a ghost
+    shared by the batch). ga (B, G*K*K, H, W) is addressed through its strides (sga). With SOFTMAX, dp goes
+    first to the float32 scratch dp, laid out as ga: the softmax backward
     d logit_k = p_k (dp_k - sum_k' p_k' dp_k') reads it back in float32 (rounded to bfloat16 it would cost more
     than the bfloat16 tolerance) and writes ga in its own dtype. VEC, G_VEC: as the forward's VEC, of v
     and of g (whose tile starts at a multiple of TILE_W >= G_VEC columns: W % G_VEC == 0 makes its
@@ -262,7 +264,7 @@ def elsa_band_bwd_attn_kernel(
     HALF: tl.constexpr = (K // 2) * DIL
     PAD: tl.constexpr = _pad(K, DIL, VEC)
     if VEC > 1:
-        sv_n = tl.multiple_of(sv_n, VEC)
+        sv_b = tl.multiple_of(sv_b, VEC)
         sv_c = tl.multiple_of(sv_c, VEC)
         sv_h = tl.multiple_of(sv_h, VEC)
 
@@ -277,11 +279,12 @@ def elsa_band_bwd_attn_kernel(
     band_idx = tl.minimum(tx[:, None] + (PAD - HALF) + jk[None, :] * DIL, SPAN - 1)
     store_mask = in_p[:, :, None] & (jk < K)[None, None, :]
 
-    g_base = g_ptr + _sample(n, sg_n)
-    v_base = v_ptr + _sample(n, sv_n)
-    a_base = a_ptr + _sample(n, sa_n)
+    g_base = g_ptr + _sample(n, G, sg_b, C * sg_c)
+    v_base = v_ptr + _sample(n, G, sv_b, C * sv_c)
+    a_base = a_ptr + _sample(n, G, sa_b, KK * sa_k)
     p_off = (y * sa_h)[:, None] + (x * sa_w)[None, :]
-    pix = n * KK * H * W + (y * W)[:, None] + x[None, :]
+    pix = _sample(n, G, sga_b, KK * sga_k) + (y * sga_h)[:, None] + (x * sga_w)[None, :]
+    gd_base = gd_ptr + _sample(n, G, sgd_b, C * KK)
     if SOFTMAX:
         dp_base = dp_ptr + pix
     else:
@@ -322,12 +325,12 @@ def elsa_band_bwd_attn_kernel(
                          tl.zeros([BLOCK_C, TILE_W, SPAN], tl.float32), UPCAST_DOT)
                 idx = tl.broadcast_to(band_idx[None, :, :], [BLOCK_C, TILE_W, KP])
                 gd = tl.sum(tl.gather(m, idx, 2), axis=1)  # (BLOCK_C, KP)
-                tl.atomic_add(gd_ptr + (n * C + offs_c[:, None]) * KK + i * K + jk[None, :], gd,
+                tl.atomic_add(gd_base + offs_c[:, None] * KK + i * K + jk[None, :], gd,
                               mask=mask_c[:, None] & (jk < K)[None, :], sem="relaxed")
         if NEED_ATTN:
             dp = tl.gather(gv, tl.broadcast_to(band_idx[None, :, :], [TILE_H, TILE_W, KP]), 2)
             k = i * K + jk[None, None, :]
-            tl.store(dp_base[:, :, None] + k * H * W, dp.to(dp_base.dtype.element_ty), mask=store_mask)
+            tl.store(dp_base[:, :, None] + k * sga_k, dp.to(dp_base.dtype.element_ty), mask=store_mask)
             if SOFTMAX:
                 lg = tl.load(a_base + k * sa_k + p_off[:, :, None], mask=store_mask, other=0.0).to(tl.float32)
                 prob = tl.where(store_mask, tl.exp(lg - mx[:, :, None]) * inv[:, :, None], 0.0)
@@ -338,6 +341,6 @@ def elsa_band_bwd_attn_kernel(
         tl.debug_barrier()
         for k in tl.static_range(KK):  # unrolled: one pixel per thread, the loop control would cost a third
             lg = tl.load(a_base + k * sa_k + p_off, mask=in_p, other=0.0).to(tl.float32)
-            dp = tl.load(dp_base + k * H * W, mask=in_p, other=0.0)
-            tl.store(ga_ptr + pix + k * H * W, (tl.exp(lg - mx) * inv * (dp - pdp)).to(ga_ptr.dtype.element_ty),
+            dp = tl.load(dp_base + k * sga_k, mask=in_p, other=0.0)
+            tl.store(ga_ptr + pix + k * sga_k, (tl.exp(lg - mx) * inv * (dp - pdp)).to(ga_ptr.dtype.element_ty),
                      mask=in_p)
