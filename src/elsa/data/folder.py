@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -25,6 +25,21 @@ SAMPLE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 class DatasetError(ValueError):
     """The data on disk does not have the expected layout."""
+
+
+class TransformError(RuntimeError, ValueError):
+    """The transform failed on a decoded sample: the options that built it are wrong (``--ratio 0 0``), not the
+    file, so it is never skipped as an unreadable sample (a ValueError: the CLI reports it as a user error)."""
+
+
+def apply_transform(transform: Callable, *inputs: Any) -> Any:
+    """``transform(*inputs)``, with any exception turned into a ``TransformError`` (see there)."""
+    try:
+        return transform(*inputs)
+    except Exception as err:  # noqa: BLE001 - timm/torchvision raise ValueError, ZeroDivisionError, math errors...
+        raise TransformError(f"the data transform failed ({type(err).__name__}: {err}); check the augmentation "
+                             f"options (--scale, --ratio, --aa, --*interpolation, --reprob/--remode, --img-size)") \
+            from err
 
 
 def find_classes(root: os.PathLike) -> List[str]:
@@ -88,7 +103,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         path, target = self.samples[index]
         img = open_rgb(path)  # decodes the pixels here, so a truncated file fails here
         if self.transform is not None:
-            img = self.transform(img)
+            img = apply_transform(self.transform, img)
         return img, target
 
 
@@ -121,6 +136,8 @@ class SkipUnreadable(torch.utils.data.Dataset):
         for _ in range(self.max_retries):
             try:
                 item = self.dataset[index]
+            except TransformError:
+                raise
             except SAMPLE_ERRORS as err:
                 skipped += 1
                 first_error = first_error or err

@@ -107,6 +107,7 @@ class TrainConfig:
     seed: int = 42
     output: Optional[str] = None  # parent folder of run folders (default ./output/train)
     experiment: Optional[str] = None  # run folder name (default: date-model-size)
+    overwrite: bool = False  # replace a run already in output/experiment (default: a new NAME-N folder)
     log_interval: int = 50
     log_tensorboard: bool = False
     progress: bool = True
@@ -132,8 +133,16 @@ def _read_yaml(path: os.PathLike, what: str) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
-    with open(path) as f:
-        values = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{what} file {str(path)!r} is not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} file {str(path)!r} is not a UTF-8 text file: {err}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{what} file {str(path)!r} must hold a mapping of option: value, got {type(values).__name__}")
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
@@ -158,7 +167,7 @@ def load_config_file(path: os.PathLike) -> Dict[str, Any]:
 
 
 # Options of a resumed run that describe that one invocation, not the training: not taken from the checkpoint.
-_NOT_RESUMED = ("resume", "output", "experiment", "stop_after_epochs", "config", "save_rank_params")
+_NOT_RESUMED = ("resume", "output", "experiment", "overwrite", "stop_after_epochs", "config", "save_rank_params")
 
 
 def resumed_options(path: os.PathLike) -> Dict[str, Any]:
@@ -273,3 +282,17 @@ def validate_config(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
     if cfg.decay_rate <= 0:
         raise ValueError(f"--decay-rate must be > 0, got {cfg.decay_rate}")
+    for name, bound in (("scale", 1.0), ("ratio", None)):  # random-resized crop: area fraction and aspect range
+        v = list(getattr(cfg, name) or [])
+        if len(v) != 2 or not all(isinstance(x, (int, float)) for x in v):
+            raise ValueError(f"--{name} takes two numbers (min max), got {v!r}")
+        if not 0 < v[0] <= v[1] or (bound is not None and v[1] > bound):
+            raise ValueError(f"--{name} must be 0 < min <= max{f' <= {bound:g}' if bound else ''}, got {v[0]:g} "
+                             f"{v[1]:g}")
+    if cfg.remode not in ("pixel", "rand", "const"):
+        raise ValueError(f"--remode must be 'pixel', 'rand' or 'const' (timm's RandomErasing modes), got "
+                         f"{cfg.remode!r}")
+    if cfg.recount < 1:
+        raise ValueError(f"--recount must be >= 1, got {cfg.recount}")
+    if cfg.reprob > 1:
+        raise ValueError(f"--reprob must be in [0, 1], got {cfg.reprob}")
