@@ -101,15 +101,16 @@ def _why_unreadable(path: Path, err: BaseException) -> str:
     text = str(err)
     forbidden = _GLOBAL.search(text)
     if forbidden and "Unsupported operand" not in text:
-        return (f"contains a disallowed object ({forbidden.group(1)}); only tensors and plain data are loaded "
-                f"from checkpoint files, so it was not read")
+        return (f"contains a disallowed object ({forbidden.group(1)}), which weights_only=True refuses: only "
+                f"tensors and plain data are loaded from checkpoint files, so it was not read")
     with open(path, "rb") as f:
         head = f.read(4)
     if head == b"PK\x03\x04":  # a zip archive, the format of torch.save: its end (central directory) is missing
-        return "is truncated or corrupt (a PyTorch zip archive that cannot be read to the end)"
+        return "is not a readable PyTorch checkpoint: truncated or corrupt (a zip archive that cannot be read to the end)"
     if head[:1] == b"\x80" and isinstance(err, (EOFError, pickle.UnpicklingError)) and "operand" not in text:
-        return "is truncated (the pickle ends early)"
-    return "is not a PyTorch checkpoint (neither a torch.save archive nor a .safetensors file; truncated or another format)"
+        return "is not a readable PyTorch checkpoint: truncated (the pickle ends early)"
+    return ("is not a readable PyTorch checkpoint: neither a torch.save file nor a .safetensors file (another "
+            "format, or truncated)")
 
 
 def read_state_dict(path: PathLike) -> dict:

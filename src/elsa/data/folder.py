@@ -56,10 +56,11 @@ def find_classes(root: os.PathLike) -> List[str]:
 def scan_image_folder(root: os.PathLike, classes: Optional[Sequence[str]] = None
                       ) -> Tuple[List[Tuple[str, int]], List[str]]:
     """All (image path, class index) under ``root``/CLASS (recursively), sorted; raises ``DatasetError`` for a
-    missing folder, a class folder without images, or (when ``classes`` is given) class names that differ."""
+    missing folder, a class folder without images, or (when ``classes`` is given) class names that differ.
+    With ``classes``, folder ``classes[i]`` gets label i (mapped by name, whatever order the folders sort in)."""
     root = Path(root)
     found = find_classes(root)
-    if classes is not None and list(classes) != found:
+    if classes is not None and set(classes) != set(found):
         missing = sorted(set(classes) - set(found))
         extra = sorted(set(found) - set(classes))
         raise DatasetError(
@@ -68,7 +69,9 @@ def scan_image_folder(root: os.PathLike, classes: Optional[Sequence[str]] = None
     extensions = get_img_extensions(as_set=True)
     samples: List[Tuple[str, int]] = []
     empty = []
-    for idx, name in enumerate(found):
+    index = {c: i for i, c in enumerate(classes if classes is not None else found)}
+    for name in found:
+        idx = index[name]
         files = []
         for dirpath, _, filenames in os.walk(root / name, followlinks=True):
             files.extend(os.path.join(dirpath, f) for f in filenames if os.path.splitext(f)[1].lower() in extensions)
@@ -78,7 +81,7 @@ def scan_image_folder(root: os.PathLike, classes: Optional[Sequence[str]] = None
     if empty:
         raise DatasetError(f"class folder(s) {empty[:10]} under {str(root)!r} contain no images "
                            f"(extensions {sorted(extensions)})")
-    return samples, found
+    return samples, list(classes) if classes is not None else found
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):

@@ -5,7 +5,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -76,15 +76,33 @@ def resolve_split(data: PathLike, split: Optional[str] = None) -> Path:
     return root / "val" if (root / "val").is_dir() else root
 
 
-def image_folder_dataset(root: PathLike, transform: Callable) -> Dataset:
+def image_folder_dataset(root: PathLike, transform: Callable, classes: Optional[Sequence[str]] = None) -> Dataset:
     """The image folder at ``root`` read by the dataset class ``elsa train`` reads its folders with
-    (``elsa.data.ImageFolderDataset``: class folders in timm's natural order -> label index, as ImageNet's synsets)."""
-    from ..data import DatasetError, ImageFolderDataset
+    (``elsa.data.ImageFolderDataset``: class folders in timm's natural order -> label index, as ImageNet's synsets).
+
+    ``classes``: the class names the checkpoint was trained with (label i = classes[i]); the class folders are
+    mapped by name, and a folder whose class set differs is an error naming both (mapping by position would score
+    against wrong labels)."""
+    from ..data import DatasetError, ImageFolderDataset, find_classes
 
     try:
-        return ImageFolderDataset(root, transform=transform)
+        if classes is not None:
+            found = find_classes(root)
+            if set(found) != set(classes):
+                extra = [c for c in found if c not in set(classes)]
+                missing = [c for c in classes if c not in set(found)]
+                raise ToolError(f"DATA {str(root)!r}: its class folders {_some(found)} are not the classes the "
+                                f"checkpoint was trained on {_some(list(classes))} (not in the checkpoint: "
+                                f"{_some(extra)}; no folder: {_some(missing)}); labels would be wrong")
+            _logger.info("class folders mapped to the checkpoint's %d class names", len(classes))
+        return ImageFolderDataset(root, transform=transform, classes=list(classes) if classes is not None else None)
     except DatasetError as err:
         raise ToolError(f"DATA: {err}") from err
+
+
+def _some(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{f', ... ({len(names) - limit} more)' if len(names) > limit else ''}]"
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int, device: Union[str, torch.device]) -> DataLoader:
