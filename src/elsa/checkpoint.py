@@ -106,7 +106,8 @@ def _why_unreadable(path: Path, err: BaseException) -> str:
     with open(path, "rb") as f:
         head = f.read(4)
     if head == b"PK\x03\x04":  # a zip archive, the format of torch.save: its end (central directory) is missing
-        return "is not a readable PyTorch checkpoint: truncated or corrupt (a zip archive that cannot be read to the end)"
+        return ("is not a readable PyTorch checkpoint: truncated or corrupt (a zip archive that cannot be read to "
+                "the end)")
     if head[:1] == b"\x80" and isinstance(err, (EOFError, pickle.UnpicklingError)) and "operand" not in text:
         return "is not a readable PyTorch checkpoint: truncated (the pickle ends early)"
     return ("is not a readable PyTorch checkpoint: neither a torch.save file nor a .safetensors file (another "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, List, Tuple, Union
@@ -21,10 +22,21 @@ def _out_of_space(err: BaseException) -> bool:
     while err is not None:
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if "No space left on device" in str(err) or "unexpected pos" in str(err):
+        if "No space left on device" in str(err):
             return True
         err = err.__cause__ or err.__context__
     return False
+
+
+def _full_after(err: BaseException, path: Path, margin: int = 1 << 20) -> bool:
+    """torch.save reports a full disk as "unexpected pos 5321984 vs 5321872": take it as one only when the
+    destination's file system is indeed (nearly) full."""
+    if "unexpected pos" not in str(err):
+        return False
+    try:
+        return shutil.disk_usage(path.parent).free < margin
+    except OSError:
+        return False
 
 
 def remove_stale_temporaries(folder: PathLike) -> List[Tuple[Path, int]]:
@@ -64,7 +76,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if _out_of_space(err):  # torch.save says "unexpected pos 5321984 vs 5321872" for a full disk
+        if _out_of_space(err) or _full_after(err, path):
             raise OSError(errno.ENOSPC, f"no space left on device while writing {path} (the previous file, if "
                                         f"any, is intact); free some space or choose another --output",
                           str(path)) from err

@@ -15,5 +15,6 @@ __all__ = [
     "DIGITS_CLASSES", "DIGITS_NAME", "DigitsDataset", "digits_train_transform", "load_digits_split",
     "build_eval_transform", "build_train_transform", "create_dataset", "is_digits", "is_timm_spec",
     "resolve_model_data_config", "split_folder",
-    "DatasetError", "ImageFolderDataset", "SkipUnreadable", "TransformError", "collate_skipped", "find_classes", "scan_image_folder",
+    "DatasetError", "ImageFolderDataset", "SkipUnreadable", "TransformError", "collate_skipped", "find_classes",
+    "scan_image_folder",
 ]

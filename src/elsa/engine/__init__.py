@@ -7,6 +7,7 @@ from .loop import Hook, Interrupted, StepOutput, Trainer
 from .runtime import Runtime, amp_dtype, cleanup_runtime, init_runtime, resolve_device, unwrap_model
 from .state import TrainState, get_rng_state, seed_everything, seed_worker, set_rng_state
 
-__all__ = ["CheckpointHook", "EvalHook", "JsonlLogHook", "ProgressHook", "append_jsonl", "Hook", "Interrupted", "StepOutput",
+__all__ = ["CheckpointHook", "EvalHook", "JsonlLogHook", "ProgressHook", "append_jsonl", "Hook", "Interrupted",
+           "StepOutput",
            "Trainer", "Runtime", "amp_dtype", "cleanup_runtime", "init_runtime", "resolve_device", "unwrap_model",
            "TrainState", "get_rng_state", "seed_everything", "seed_worker", "set_rng_state"]

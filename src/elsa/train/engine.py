@@ -453,8 +453,8 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> TrainResult:
 
 def warn_degenerate_classes(data: Optional[str], classes: list, num_classes: int) -> None:
     """Say clearly when the labels make accuracy meaningless: one class (every prediction is right, top-1 100% by
-    construction) or fewer classes than 5 (top-5 is then top-k with k = number of classes, as timm's validate
-    clamps it: ``topk=(1, min(5, num_classes))``)."""
+    construction) or fewer classes than 5 (top-5 is then top-k with k = number of classes: timm's
+    ``accuracy`` clamps k to the number of outputs the same way)."""
     n = len(classes) if classes else num_classes
     if n <= 1:
         _logger.warning("data %r has a single class%s: a classifier needs at least 2; its accuracy will be 100%% by "
@@ -558,7 +558,8 @@ class _EpochEnd(Hook):
 
 
 def evaluate(model: nn.Module, loader, runtime: Runtime) -> Dict[str, float]:
-    """Loss, top-1 and top-5 (top-k, k = min(5, classes); percent) over this rank's shard, summed over all ranks; unreadable images counted."""
+    """Loss, top-1 and top-5 (top-k, k = min(5, classes); percent) over this rank's shard, summed over all ranks;
+    unreadable images counted."""
     skipped = 0
 
     def batches():
