@@ -119,6 +119,9 @@ def test_convert_names_an_unknown_model_and_a_file_of_another_model(trained, tmp
     (["--min-lr", "1", "--lr", "0.1"], "--min-lr"),
     (["--opt", "nosuch"], "--opt"),
     (["--remode", "nosuch"], "--remode"),
+    (["--cutmix", "1", "--cutmix-minmax", "0.5", "0.1"], "--cutmix-minmax"),  # was: "low >= high" mid-step
+    (["--sched", "step", "--decay-epochs", "0"], "--decay-epochs"),          # was: ZeroDivisionError traceback
+    (["--opt-betas", "0.9"], "--opt-betas"),
     (["--pretrained"], "--pretrained-path"),             # no hosted weights: points at --pretrained-path
     (["--pretrained-path", "/nonexistent/w.pth"], "/nonexistent/w.pth"),
 ])
@@ -129,6 +132,17 @@ def test_a_bad_train_flag_is_one_line_naming_it(flags, named, folders, tmp_path,
     assert rc == 2 and named in line, line
     assert not (tmp_path / "run" / "last.pth").exists()
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("text, named", [("warmup_epochs: 0.5\n", "--warmup-epochs must be an integer"),
+                                         ("amp: maybe\n", "--amp must be true or false"),
+                                         ("lr: fast\n", "--lr must be a number")])
+def test_a_config_value_of_the_wrong_type_is_named(text, named, folders, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    rc = main(_train_args(folders["two"], tmp_path, "run", "--config", str(config)))
+    line = _error_line(capsys, "train")
+    assert rc == 2 and named in line, line
 
 
 def test_a_malformed_yaml_config_names_file_and_line(folders, tmp_path, capsys):

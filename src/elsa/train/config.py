@@ -224,8 +224,36 @@ def _coerced(values: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+_TYPE_CHECKS = {
+    "int": (int,), "Optional[int]": (int, type(None)), "float": (int, float), "Optional[float]": (int, float, type(None)),
+    "bool": (bool,), "str": (str,), "Optional[str]": (str, type(None)),
+}
+
+
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text"}
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Each option has its field's type (a --config file or recipe can hold anything YAML can): an epoch count of
+    1.5, a flag of "yes" or a list where a number belongs is an error naming the option."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        name = f"--{f.name.replace('_', '-')}"
+        kinds = _TYPE_CHECKS.get(str(f.type))
+        if kinds is not None:
+            wrong = not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+            if wrong:
+                raise ValueError(f"{name} must be {_TYPE_NAMES[str(f.type).replace('Optional[', '').rstrip(']')]}, "
+                                 f"got {value!r}")
+        elif str(f.type) in ("List[float]", "Optional[List[float]]") and value is not None:
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                               for v in value):
+                raise ValueError(f"{name} must be a list of numbers, got {value!r}")
+
+
 def validate_config(cfg: TrainConfig) -> None:
     """Argument checks with the option's name, what came and what was expected (before anything is built)."""
+    _check_types(cfg)
     def positive(name: str, allow_none: bool = False) -> None:
         v = getattr(cfg, name)
         if v is None and allow_none:
@@ -264,8 +292,7 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--token-label-size must be > 0, got {cfg.token_label_size!r}")
     if cfg.model_ema and not 0 < cfg.model_ema_decay < 1:
         raise ValueError(f"--model-ema-decay must be in (0, 1), got {cfg.model_ema_decay}")
-    for name in ("weight_decay", "warmup_lr", "min_lr", "color_jitter", "cooldown_epochs", "decay_epochs",
-                 "dense_weight"):
+    for name in ("weight_decay", "warmup_lr", "min_lr", "color_jitter", "cooldown_epochs", "dense_weight"):
         v = getattr(cfg, name)
         if v < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
@@ -282,6 +309,16 @@ def validate_config(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
     if cfg.decay_rate <= 0:
         raise ValueError(f"--decay-rate must be > 0, got {cfg.decay_rate}")
+    if cfg.decay_epochs <= 0:  # the step schedule divides by it
+        raise ValueError(f"--decay-epochs must be > 0, got {cfg.decay_epochs}")
+    if cfg.opt_eps is not None and cfg.opt_eps <= 0:
+        raise ValueError(f"--opt-eps must be > 0, got {cfg.opt_eps}")
+    if cfg.opt_betas is not None and (len(cfg.opt_betas) != 2 or not all(0 <= b < 1 for b in cfg.opt_betas)):
+        raise ValueError(f"--opt-betas takes two numbers in [0, 1) (beta1 beta2), got {list(cfg.opt_betas)}")
+    if cfg.cutmix_minmax is not None:
+        v = list(cfg.cutmix_minmax)
+        if len(v) != 2 or not 0 < v[0] < v[1] <= 1:
+            raise ValueError(f"--cutmix-minmax takes two numbers 0 < min < max <= 1, got {v}")
     for name, bound in (("scale", 1.0), ("ratio", None)):  # random-resized crop: area fraction and aspect range
         v = list(getattr(cfg, name) or [])
         if len(v) != 2 or not all(isinstance(x, (int, float)) for x in v):
