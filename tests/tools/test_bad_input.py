@@ -255,6 +255,20 @@ def test_validate_uses_the_checkpoints_input_size_and_classes(weights, trained, 
     assert rc == 2 and "'a'" in line and "'cat'" in line, line
 
 
+def test_validate_leaves_out_and_counts_an_unreadable_image(trained, folders, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(folders["two"] / "val", data / "val")
+    bad = sorted((data / "val" / "cat").iterdir())[1]
+    bad.write_bytes(b"not an image")
+    results = tmp_path / "r.json"
+    assert main(["validate", str(data), "--model", MODEL, "--checkpoint", str(trained / "best.pth"), "-j", "0",
+                 "--no-progress", "--results-file", str(results)]) == 0
+    r = json.loads(results.read_text())
+    assert r["skipped"] == 1 and r["num_images"] == 7  # left out, not replaced by a neighbour scored twice
+
+
 def test_predict_names_classes_from_model_safetensors_and_goes_on_past_a_bad_file(trained, folders, tmp_path,
                                                                                   capsys):
     bad = tmp_path / "bad.png"

@@ -51,7 +51,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     results = validate(args)
     print(f"{args.model}: top-1 {results['top1']:.3f}%  top-{results['topk']} {results['top5']:.3f}%  "
-          f"loss {results['loss']:.4f}  ({results['num_images']} images, {results['images_per_s']:.1f} images/s)")
+          f"loss {results['loss']:.4f}  ({results['num_images']} images, {results['images_per_s']:.1f} images/s"
+          f"{'; ' + str(results['skipped']) + ' unreadable left out' if results.get('skipped') else ''})")
     return 0
 
 

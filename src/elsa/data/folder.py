@@ -135,7 +135,7 @@ class SkipUnreadable(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         skipped = 0
-        first_error = None
+        first_error, first_name = None, None
         for _ in range(self.max_retries):
             try:
                 item = self.dataset[index]
@@ -143,16 +143,16 @@ class SkipUnreadable(torch.utils.data.Dataset):
                 raise
             except SAMPLE_ERRORS as err:
                 skipped += 1
-                first_error = first_error or err
                 name = self.dataset.filename(index) if hasattr(self.dataset, "filename") else f"index {index}"
+                first_error, first_name = (first_error, first_name) if first_error is not None else (err, name)
                 if name not in self.warned:
                     self.warned.add(name)
                     _logger.warning("skipped unreadable sample %s: %s", name, err)
                 index = (index + 1) % len(self.dataset)
                 continue
             return dict(item, skipped=skipped) if isinstance(item, dict) else (*item, skipped)
-        raise DatasetError(f"{self.max_retries} unreadable samples in a row (first error: {first_error}); "
-                           f"the data set looks broken")
+        raise DatasetError(f"{self.max_retries} unreadable samples in a row (first error: {first_error}; in "
+                           f"{first_name}); the data set looks broken")
 
 
 def collate_skipped(batch: Sequence[tuple]) -> Tuple[torch.Tensor, torch.Tensor, int]:

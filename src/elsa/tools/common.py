@@ -154,6 +154,14 @@ def eval_transform(model: nn.Module, img_size: Optional[int] = None, crop_pct: O
         raise ToolError(f"--img-size must be a positive number of pixels, got {img_size}")
     if crop_pct is not None and not 0 < crop_pct <= 1:
         raise ToolError(f"--crop-pct must be in (0, 1], got {crop_pct}")
+    if interpolation:
+        from timm.data.transforms import str_to_interp_mode
+
+        try:
+            str_to_interp_mode(interpolation)
+        except KeyError:
+            raise ToolError(f"--interpolation {interpolation!r} is not a resize interpolation timm knows (e.g. "
+                            f"bilinear, bicubic, nearest, lanczos)") from None
     args = {}
     if img_size is not None:
         args["input_size"] = (3, img_size, img_size)

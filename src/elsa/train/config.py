@@ -225,7 +225,8 @@ def _coerced(values: Dict[str, Any]) -> Dict[str, Any]:
 
 
 _TYPE_CHECKS = {
-    "int": (int,), "Optional[int]": (int, type(None)), "float": (int, float), "Optional[float]": (int, float, type(None)),
+    "int": (int,), "Optional[int]": (int, type(None)), "float": (int, float),
+    "Optional[float]": (int, float, type(None)),
     "bool": (bool,), "str": (str,), "Optional[str]": (str, type(None)),
 }
 
