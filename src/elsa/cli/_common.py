@@ -27,7 +27,7 @@ EXTRAS = {"pycocotools": "det", "onnx": "export", "onnxruntime": "export", "onnx
           "tensorboard": "tensorboard", "sklearn": "(core)", "matplotlib": "(core)"}
 
 # OSErrors that are the user's environment (a full disk, a read-only or forbidden folder), not a bug.
-_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR,
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.EEXIST,
                        errno.ENOTDIR, errno.ENAMETOOLONG)
 
 
