@@ -349,3 +349,16 @@ def test_ctrl_c_during_training_prints_the_resume_command(folders, tmp_path):
     last = out.strip().splitlines()[-1]
     assert last.startswith("elsa train: interrupted") and f"elsa train --resume {tmp_path / 'run' / 'last.pth'}" \
         in last, last
+
+
+def test_visualize_many_pixels_is_a_grid_not_one_endless_row(trained, folders, tmp_path):
+    from PIL import Image
+
+    image = sorted((folders["two"] / "val" / "cat").iterdir())[0]
+    out = tmp_path / "attn.png"
+    pixels = [f"{i},{i}" for i in range(2, 42, 4)]  # 10 pixels of the 48x48 input
+    assert main(["visualize", str(image), "--model", MODEL, "--checkpoint", str(trained / "model.safetensors"),
+                 "--pixels", *pixels, "--out", str(out), "--threads", "1"]) == 0
+    width, height = Image.open(out).size
+    # one row would be (1 + 2 * 10) panels of 2.3 in at 100 dpi = 4830 px; 4 pixels per band: 9 panels
+    assert width <= 9 * 230 + 10 and height > width * 0.6, (width, height)
