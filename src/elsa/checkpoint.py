@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Union
@@ -80,13 +82,36 @@ def read_checkpoint(path: PathLike, what: str = "checkpoint file") -> Any:
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"{what} {str(path)!r} is not a valid .safetensors file (truncated or another "
                                   f"format): {err}") from err
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {str(path)!r} is empty (0 bytes): not a checkpoint")
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for foreign bytes (IndexError, KeyError, ...)
-        raise CheckpointError(
-            f"{what} {str(path)!r} is not a readable PyTorch checkpoint (truncated, corrupt, or holding objects other than "
-            f"tensors, which weights_only=True refuses): {err}") from err
+        raise CheckpointError(f"{what} {str(path)!r} {_why_unreadable(path, err)}") from err
+
+
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _why_unreadable(path: Path, err: BaseException) -> str:
+    """One clause saying why ``torch.load(weights_only=True)`` refused ``path``: truncated, not a PyTorch file, or
+    holding objects that could run code. PyTorch's own advice to retry with ``weights_only=False`` is left out on
+    purpose: that would execute whatever the file holds."""
+    text = str(err)
+    forbidden = _GLOBAL.search(text)
+    if forbidden and "Unsupported operand" not in text:
+        return (f"contains a disallowed object ({forbidden.group(1)}), which weights_only=True refuses: only "
+                f"tensors and plain data are loaded from checkpoint files, so it was not read")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":  # a zip archive, the format of torch.save: its end (central directory) is missing
+        return ("is not a readable PyTorch checkpoint: truncated or corrupt (a zip archive that cannot be read to "
+                "the end)")
+    if head[:1] == b"\x80" and isinstance(err, (EOFError, pickle.UnpicklingError)) and "operand" not in text:
+        return "is not a readable PyTorch checkpoint: truncated (the pickle ends early)"
+    return ("is not a readable PyTorch checkpoint: neither a torch.save file nor a .safetensors file (another "
+            "format, or truncated)")
 
 
 def read_state_dict(path: PathLike) -> dict:

@@ -1,10 +1,12 @@
 """Crash-safe file writing: a file is either the old one or the complete new one, never half-written."""
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, List, Tuple, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -13,6 +15,42 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _out_of_space(err: BaseException) -> bool:
+    """Whether a failed write ran out of disk space (or quota), seen through the writers' own exceptions."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _full_after(err: BaseException, path: Path, margin: int = 1 << 20) -> bool:
+    """torch.save reports a full disk as "unexpected pos 5321984 vs 5321872": take it as one only when the
+    destination's file system is indeed (nearly) full."""
+    if "unexpected pos" not in str(err):
+        return False
+    try:
+        return shutil.disk_usage(path.parent).free < margin
+    except OSError:
+        return False
+
+
+def remove_stale_temporaries(folder: PathLike) -> List[Tuple[Path, int]]:
+    """Delete the ``.NAME.XXXX.tmp`` files that writers killed mid-write (SIGKILL, power loss) left in ``folder``
+    (each as large as the file it was replacing); returns (path, bytes) of each. Called when a run starts."""
+    removed = []
+    folder = Path(folder)
+    if folder.is_dir():
+        for stale in folder.glob(".*.tmp"):
+            if stale.is_file():
+                size = stale.stat().st_size
+                stale.unlink(missing_ok=True)
+                removed.append((stale, size))
+    return removed
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
@@ -35,9 +73,13 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if _out_of_space(err) or _full_after(err, path):
+            raise OSError(errno.ENOSPC, f"no space left on device while writing {path} (the previous file, if "
+                                        f"any, is intact); free some space or choose another --output",
+                          str(path)) from err
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -7,6 +7,7 @@ A user error (a bad argument, a missing or unreadable file, data that does not f
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import logging
 import sys
@@ -21,22 +22,76 @@ USER_ERRORS: Tuple[type, ...] = (ValueError, FileNotFoundError, NotADirectoryErr
 Command = Callable[[argparse.Namespace], Any]
 
 
+# Optional packages -> the extra of `pip install elsa[EXTRA]` that brings them (anything else: pip install NAME).
+EXTRAS = {"pycocotools": "det", "onnx": "export", "onnxruntime": "export", "onnxscript": "export",
+          "tensorboard": "tensorboard", "sklearn": "(core)", "matplotlib": "(core)"}
+
+# OSErrors that are the user's environment (a full disk, a read-only or forbidden folder), not a bug.
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.EEXIST,
+                       errno.ENOTDIR, errno.ENAMETOOLONG)
+
+
+def describe_error(err: BaseException) -> str:
+    """The one line for a user error: its message, with the pip command for a missing package."""
+    if isinstance(err, ModuleNotFoundError) and err.name:
+        top = err.name.split(".")[0]
+        extra = EXTRAS.get(top)
+        if extra == "(core)":
+            hint = f"pip install {top if top != 'sklearn' else 'scikit-learn'} (a core dependency of elsa)"
+        elif extra:
+            hint = f"pip install 'elsa[{extra}]' (or pip install {top})"
+        else:
+            hint = f"pip install {top}"
+        return f"{err} - this needs the optional package {top!r}: {hint}"
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.strerror:
+        where = f" ({err.filename})" if err.filename and str(err.filename) not in err.strerror else ""
+        return f"{err.strerror}{where}"
+    return str(err) or type(err).__name__
+
+
 def command(name: str) -> Callable[[Command], Command]:
-    """Decorate a subcommand's ``func``: its user errors become ``elsa NAME: error: ...`` and exit code 2."""
+    """Decorate a subcommand's ``func``: its user errors become ``elsa NAME: error: ...`` and exit code 2; Ctrl-C
+    becomes one line (with the ``--resume`` command when training) and exit code 130; ``--threads`` is applied."""
 
     def wrap(func: Command) -> Command:
         @functools.wraps(func)
         def run(args: argparse.Namespace) -> int:
             try:
+                apply_threads(args)
                 return int(func(args) or 0)
+            except KeyboardInterrupt as err:
+                _logger.debug("details", exc_info=True)
+                print(f"elsa {name}: {err or 'interrupted'}", file=sys.stderr)
+                return 130
+            except OSError as err:
+                if isinstance(err, USER_ERRORS) or err.errno in _ENVIRONMENT_ERRNOS:
+                    _logger.debug("details", exc_info=True)
+                    print(f"elsa {name}: error: {describe_error(err)}", file=sys.stderr)
+                    return 2
+                raise
             except USER_ERRORS as err:
                 _logger.debug("details", exc_info=True)
-                print(f"elsa {name}: error: {err}", file=sys.stderr)
+                print(f"elsa {name}: error: {describe_error(err)}", file=sys.stderr)
                 return 2
 
         return run
 
     return wrap
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """``--threads N`` on a compute command (applied by ``command`` before the command runs)."""
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """``torch.set_num_threads`` for a command given ``--threads``."""
+    threads = getattr(args, "threads", None)
+    if isinstance(threads, int) and threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 # A flag table maps an argparse dest to a recipe field, or to (field, value) for switches (store_true flags).

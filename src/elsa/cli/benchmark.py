@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 
-from ._common import command
+from ._common import add_threads_option, command
 
 _logger = logging.getLogger("elsa.benchmark")
 
@@ -35,6 +35,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default: 20 CUDA, 3 CPU)")
     p.add_argument("--out", default=None, help="also write every figure and the environment as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_option(p)
     p.set_defaults(func=command("benchmark")(run))
 
 

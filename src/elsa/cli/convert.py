@@ -7,7 +7,7 @@ import logging
 import timm
 import torch
 
-from ._common import command
+from ._common import add_threads_option, command
 
 _logger = logging.getLogger(__name__)
 
@@ -21,6 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", help="output .safetensors file")
     p.add_argument("--model", required=True, help="registered model name, e.g. elsa_swin_tiny")
     p.add_argument("--use-ema", action="store_true", help="take the EMA weights (state_dict_ema)")
+    add_threads_option(p)
     p.set_defaults(func=command("convert")(run))
 
 
@@ -28,15 +29,32 @@ def convert(checkpoint: str, output: str, model_name: str, use_ema: bool = False
     """Convert and verify; returns a summary (tensors, classes, max output difference)."""
     import elsa  # noqa: F401
     from ..io import save_safetensors
-    from ..models import load_checkpoint, read_state_dict, unwrap_state_dict
+    from ..checkpoint import CheckpointError, read_checkpoint
+    from ..models import load_checkpoint, unwrap_state_dict
 
     if not output.endswith(".safetensors"):
-        raise ValueError(f"output must end with .safetensors, got {output!r}")
-    state = unwrap_state_dict(read_state_dict(checkpoint), use_ema=use_ema)
+        raise ValueError(f"OUTPUT must end with .safetensors, got {output!r}")
+    if not timm.models.is_model(model_name):
+        raise ValueError(f"--model {model_name!r} is not a registered model (see `elsa models`)")
+    raw = read_checkpoint(checkpoint, "CHECKPOINT file")  # one clear line for a missing/empty/truncated/foreign file
+    try:
+        state = unwrap_state_dict(raw, use_ema=use_ema)
+    except CheckpointError as err:
+        raise CheckpointError(f"CHECKPOINT file {checkpoint!r}: {err}") from err
     num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
     model = timm.create_model(model_name, num_classes=num_classes).eval()
-    load_checkpoint(model, checkpoint, use_ema=use_ema)
-    save_safetensors(model.state_dict(), output, metadata={"model": model_name, "source": str(checkpoint)})
+    try:
+        load_checkpoint(model, raw, use_ema=use_ema)
+    except CheckpointError as err:
+        raise CheckpointError(f"CHECKPOINT file {checkpoint!r} does not fit --model {model_name}: {err}") from err
+    metadata = {"model": model_name, "arch": model_name, "source": str(checkpoint), "num_classes": str(num_classes)}
+    if isinstance(raw, dict):  # an `elsa train` checkpoint: keep what the tools read (class names, data config)
+        import json
+
+        for key in ("classes", "data_config"):
+            if raw.get(key):
+                metadata[key] = json.dumps(raw[key])
+    save_safetensors(model.state_dict(), output, metadata=metadata)
 
     check = timm.create_model(model_name, num_classes=num_classes).eval()
     load_checkpoint(check, output)

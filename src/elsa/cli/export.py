@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import command, positive_int
+from ._common import add_threads_option, command, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=positive_int, default=2, help="example batch traced (the axis stays dynamic)")
     p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
                    help="ONNX exporter: torch.export-based (default) or the older TorchScript-based one")
+    add_threads_option(p)
     p.set_defaults(func=command("export")(run))
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import timm
 import torch
@@ -50,15 +51,19 @@ def run(args: argparse.Namespace) -> int:
     names = timm.list_models(args.pattern)
     if not names:
         raise ValueError(f"no registered model matches {args.pattern!r}")
-    rows = [describe(n, flops=not args.no_flops) for n in names]
+    if args.json and sys.stderr.isatty():
+        print(f"computing {len(names)} model(s)...", file=sys.stderr, flush=True)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([describe(n, flops=not args.no_flops) for n in names], indent=2))
         return 0
+    # Rows are printed as they are computed (the FLOP count of the largest models takes seconds each), so the
+    # table fills in progressively instead of appearing after half a minute.
     header = f"{'model':<24} {'params (M)':>10} {'size':>5} {'GFLOPs':>8} {'official top-1':>15}"
     print(header)
-    print("-" * len(header))
-    for r in rows:
+    print("-" * len(header), flush=True)
+    for name in names:
+        r = describe(name, flops=not args.no_flops)
         gflops = f"{r['gflops']:.2f}" if "gflops" in r else "-"
         top1 = f"{r['official_top1']:.1f}" if r["official_top1"] is not None else "-"
-        print(f"{r['model']:<24} {r['params_m']:>10.2f} {r['input_size']:>5} {gflops:>8} {top1:>15}")
+        print(f"{r['model']:<24} {r['params_m']:>10.2f} {r['input_size']:>5} {gflops:>8} {top1:>15}", flush=True)
     return 0

@@ -1,8 +1,9 @@
 """`elsa predict`: the top-k classes of each image, as text or JSON.
 
-Images are preprocessed as the model's pretrained_cfg says (input size, crop_pct, interpolation, mean/std).
-Class names: those of --class-names FILE, else ImageNet-1k's when the head has 1000 classes, else the ones an
-`elsa train` checkpoint stores, else class indices.
+Images are preprocessed with the data config an `elsa train` checkpoint (or its model.safetensors) stores, else
+as the model's pretrained_cfg says (input size, crop_pct, interpolation, mean/std); --img-size etc. override it.
+Class names: those of --class-names FILE, else the ones an `elsa train` checkpoint stores, else ImageNet-1k's
+when the head has 1000 classes, else class indices.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import argparse
 import json
 import sys
 
-from ._common import command
+from ._common import add_threads_option, command
 
 
 def add_parser(subparsers) -> None:
@@ -29,22 +30,22 @@ def add_parser(subparsers) -> None:
     p.add_argument("--interpolation", default=None, help="resize interpolation (default: the model's)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    add_threads_option(p)
     p.set_defaults(func=command("predict")(run))
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..tools import (ToolError, checkpoint_classes, class_names, create_model_from_checkpoint, eval_transform,
-                         predict, resolve_device)
+    from ..tools import (ToolError, checkpoint_info, create_model_from_checkpoint, eval_transform, predict,
+                         resolve_classes, resolve_device)
 
     if args.topk < 1:
         raise ToolError(f"--topk must be >= 1, got {args.topk}")
     device = resolve_device(args.device)
     model = create_model_from_checkpoint(args.model, args.checkpoint, num_classes=args.num_classes,
                                          use_ema=args.use_ema, device=device)
-    names = class_names(model.num_classes, args.class_names)
-    if names is None:  # `elsa train` checkpoints remember their classes (e.g. the class folder names)
-        names = checkpoint_classes(args.checkpoint, model.num_classes)
-    _, transform = eval_transform(model, args.img_size, args.crop_pct, args.interpolation)
+    info = checkpoint_info(args.checkpoint)  # `elsa train` files remember their classes and data config
+    names = resolve_classes(info, model.num_classes, args.class_names)
+    _, transform = eval_transform(model, args.img_size, args.crop_pct, args.interpolation, stored=info.data_config)
     results = predict(model, args.images, transform, topk=args.topk, names=names, device=device, amp=args.amp)
     failed = [r for r in results if r.error is not None]
     if args.json:

@@ -129,7 +129,9 @@ def add_parser(subparsers) -> None:
                                                       "1 is fastest on a busy machine)")
     _flag(g, "--seed", type=int, help=f"random seed (default {d.seed})")
     _flag(g, "--output", metavar="DIR", help="parent folder of run folders (default output/train)")
-    _flag(g, "--experiment", metavar="NAME", help="run folder name (default: date-model-size)")
+    _flag(g, "--experiment", metavar="NAME", help="run folder name (default: date-model-size); a folder holding "
+                                                   "another run is never overwritten: NAME-1, NAME-2, ... is used")
+    _on(g, "--overwrite", help="replace the run already in --output/--experiment instead of using NAME-1")
     _flag(g, "--stop-after-epochs", type=int, metavar="N", help="end this run after N epochs (the schedule still "
                                                                 "spans --epochs); continue later with --resume")
     _flag(g, "--log-interval", type=int, help=argparse.SUPPRESS)

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from ._common import command
+from ._common import add_threads_option, command
 
 _logger = logging.getLogger("elsa.validate")
 
@@ -27,9 +27,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--split", default=None, help="sub-folder of DATA to score (default: 'val' if present, else DATA)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: from the checkpoint)")
     p.add_argument("--use-ema", action="store_true", help="load the EMA weights (state_dict_ema) of the checkpoint")
-    p.add_argument("--img-size", type=int, default=None, help="square input side (default: the model's, 224)")
-    p.add_argument("--crop-pct", type=float, default=None, help="centre-crop ratio (default: the model's, 0.9)")
-    p.add_argument("--interpolation", default=None, help="resize interpolation (default: the model's, bicubic)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="square input side (default: the checkpoint's, as trained; else the model's, 224)")
+    p.add_argument("--crop-pct", type=float, default=None,
+                   help="centre-crop ratio (default: the checkpoint's; else the model's, 0.9)")
+    p.add_argument("--interpolation", default=None,
+                   help="resize interpolation (default: the checkpoint's; else the model's, bicubic)")
     p.add_argument("-b", "--batch-size", type=int, default=128, help="images per batch (default 128)")
     p.add_argument("-j", "--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loading workers")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -41,17 +44,19 @@ def add_parser(subparsers) -> None:
                    help="score only the first N images (quick checks; default: all)")
     p.add_argument("--results-file", default=None, help="also write the results as JSON to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_option(p)
     p.set_defaults(func=command("validate")(run))
 
 
 def run(args: argparse.Namespace) -> int:
     results = validate(args)
     print(f"{args.model}: top-1 {results['top1']:.3f}%  top-{results['topk']} {results['top5']:.3f}%  "
-          f"loss {results['loss']:.4f}  ({results['num_images']} images, {results['images_per_s']:.1f} images/s)")
+          f"loss {results['loss']:.4f}  ({results['num_images']} images, {results['images_per_s']:.1f} images/s"
+          f"{'; ' + str(results['skipped']) + ' unreadable left out' if results.get('skipped') else ''})")
     return 0
 
 
-def _dataset(args: argparse.Namespace, transform):
+def _dataset(args: argparse.Namespace, transform, classes=None):
     """The data set DATA names, and a short description of it for the results."""
     import torch
 
@@ -67,7 +72,7 @@ def _dataset(args: argparse.Namespace, transform):
             raise ToolError(f"--split: the digits set has splits 'train' and 'val', got {split!r}")
         return DigitsDataset(split, transform=transform, subset=args.num_samples), f"digits/{split}"
     root = resolve_split(args.data, args.split)
-    dataset = image_folder_dataset(root, transform)
+    dataset = image_folder_dataset(root, transform, classes=classes)
     if args.num_samples is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(args.num_samples, len(dataset))))
     return dataset, str(root)
@@ -79,7 +84,8 @@ def validate(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     from ..io import atomic_write
-    from ..tools import ToolError, create_model_from_checkpoint, eval_transform, evaluate, make_loader, resolve_device
+    from ..tools import (ToolError, checkpoint_info, create_model_from_checkpoint, eval_transform, evaluate,
+                         make_loader, resolve_device)
 
     if args.num_samples is not None and args.num_samples < 1:
         raise ToolError(f"--num-samples must be >= 1, got {args.num_samples}")
@@ -91,10 +97,12 @@ def validate(args: argparse.Namespace) -> dict:
         _logger.info("--no-test-pool: no effect; ELSA-Swin pools globally at any input size")
     model = create_model_from_checkpoint(args.model, args.checkpoint, num_classes=args.num_classes,
                                          use_ema=args.use_ema, device=device)
-    cfg, transform = eval_transform(model, args.img_size, args.crop_pct, args.interpolation)
+    info = checkpoint_info(args.checkpoint)  # the data config and class names it was trained with
+    cfg, transform = eval_transform(model, args.img_size, args.crop_pct, args.interpolation, stored=info.data_config)
+    classes = info.classes if info.classes is not None and len(info.classes) == model.num_classes else None
     _logger.info("data config: input %s, crop_pct %s, %s, mean %s, std %s", cfg["input_size"], cfg["crop_pct"],
                  cfg["interpolation"], cfg["mean"], cfg["std"])
-    dataset, source = _dataset(args, transform)
+    dataset, source = _dataset(args, transform, classes)
     loader = make_loader(dataset, args.batch_size, args.workers, device)
     bar = None if args.no_progress else (
         lambda it: tqdm(it, total=len(loader), desc=f"validate {args.model}", unit="batch", file=sys.stderr))

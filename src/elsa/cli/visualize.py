@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import command
+from ._common import add_threads_option, command
 
 
 def _pixel(text: str) -> tuple[int, int]:
@@ -40,19 +40,20 @@ def add_parser(subparsers) -> None:
     p.add_argument("--use-ema", action="store_true", help="load the EMA weights of a training checkpoint")
     p.add_argument("--img-size", type=int, default=None, help="square input side (default: the model's)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    add_threads_option(p)
     p.set_defaults(func=command("visualize")(run))
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..tools import (ToolError, attention_maps, create_model_from_checkpoint, eval_transform, load_image,
-                         parse_ints, plot_attention_maps, resolve_device)
+    from ..tools import (ToolError, attention_maps, checkpoint_info, create_model_from_checkpoint, eval_transform,
+                         load_image, parse_ints, plot_attention_maps, resolve_device)
 
     heads = parse_ints(args.heads, "--heads") if args.heads else None
     device = resolve_device(args.device)
     image = load_image(args.image)
     model = create_model_from_checkpoint(args.model, args.checkpoint, num_classes=args.num_classes,
                                          use_ema=args.use_ema, device=device)
-    cfg, transform = eval_transform(model, args.img_size)
+    cfg, transform = eval_transform(model, args.img_size, stored=checkpoint_info(args.checkpoint).data_config)
     maps = attention_maps(model, transform(image), block=args.block, pixels=args.pixels,
                           mean=cfg["mean"], std=cfg["std"])
     out = args.out or str(Path(args.image).with_name(Path(args.image).stem + "_attention.png"))

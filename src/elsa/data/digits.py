@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .folder import apply_transform
+
 DIGITS_NAME = "digits"
 DIGITS_CLASSES = tuple(str(i) for i in range(10))
 DIGITS_SIZE = 32
@@ -82,7 +84,7 @@ class DigitsDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         img = Image.fromarray(self.images[index]).convert("RGB")
         if self.transform is not None:
-            img = self.transform(img)
+            img = apply_transform(self.transform, img)
         return img, int(self.targets[index])
 
 

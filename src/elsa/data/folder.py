@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -27,6 +27,21 @@ class DatasetError(ValueError):
     """The data on disk does not have the expected layout."""
 
 
+class TransformError(RuntimeError, ValueError):
+    """The transform failed on a decoded sample: the options that built it are wrong (``--ratio 0 0``), not the
+    file, so it is never skipped as an unreadable sample (a ValueError: the CLI reports it as a user error)."""
+
+
+def apply_transform(transform: Callable, *inputs: Any) -> Any:
+    """``transform(*inputs)``, with any exception turned into a ``TransformError`` (see there)."""
+    try:
+        return transform(*inputs)
+    except Exception as err:  # noqa: BLE001 - timm/torchvision raise ValueError, ZeroDivisionError, math errors...
+        raise TransformError(f"the data transform failed ({type(err).__name__}: {err}); check the augmentation "
+                             f"options (--scale, --ratio, --aa, --*interpolation, --reprob/--remode, --img-size)") \
+            from err
+
+
 def find_classes(root: os.PathLike) -> List[str]:
     """Class folder names directly under ``root``, in timm's natural order (so label ids match timm's readers)."""
     root = Path(root)
@@ -41,10 +56,11 @@ def find_classes(root: os.PathLike) -> List[str]:
 def scan_image_folder(root: os.PathLike, classes: Optional[Sequence[str]] = None
                       ) -> Tuple[List[Tuple[str, int]], List[str]]:
     """All (image path, class index) under ``root``/CLASS (recursively), sorted; raises ``DatasetError`` for a
-    missing folder, a class folder without images, or (when ``classes`` is given) class names that differ."""
+    missing folder, a class folder without images, or (when ``classes`` is given) class names that differ.
+    With ``classes``, folder ``classes[i]`` gets label i (mapped by name, whatever order the folders sort in)."""
     root = Path(root)
     found = find_classes(root)
-    if classes is not None and list(classes) != found:
+    if classes is not None and set(classes) != set(found):
         missing = sorted(set(classes) - set(found))
         extra = sorted(set(found) - set(classes))
         raise DatasetError(
@@ -53,7 +69,9 @@ def scan_image_folder(root: os.PathLike, classes: Optional[Sequence[str]] = None
     extensions = get_img_extensions(as_set=True)
     samples: List[Tuple[str, int]] = []
     empty = []
-    for idx, name in enumerate(found):
+    index = {c: i for i, c in enumerate(classes if classes is not None else found)}
+    for name in found:
+        idx = index[name]
         files = []
         for dirpath, _, filenames in os.walk(root / name, followlinks=True):
             files.extend(os.path.join(dirpath, f) for f in filenames if os.path.splitext(f)[1].lower() in extensions)
@@ -63,7 +81,7 @@ def scan_image_folder(root: os.PathLike, classes: Optional[Sequence[str]] = None
     if empty:
         raise DatasetError(f"class folder(s) {empty[:10]} under {str(root)!r} contain no images "
                            f"(extensions {sorted(extensions)})")
-    return samples, found
+    return samples, list(classes) if classes is not None else found
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -88,7 +106,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         path, target = self.samples[index]
         img = open_rgb(path)  # decodes the pixels here, so a truncated file fails here
         if self.transform is not None:
-            img = self.transform(img)
+            img = apply_transform(self.transform, img)
         return img, target
 
 
@@ -117,22 +135,24 @@ class SkipUnreadable(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         skipped = 0
-        first_error = None
+        first_error, first_name = None, None
         for _ in range(self.max_retries):
             try:
                 item = self.dataset[index]
+            except TransformError:
+                raise
             except SAMPLE_ERRORS as err:
                 skipped += 1
-                first_error = first_error or err
                 name = self.dataset.filename(index) if hasattr(self.dataset, "filename") else f"index {index}"
+                first_error, first_name = (first_error, first_name) if first_error is not None else (err, name)
                 if name not in self.warned:
                     self.warned.add(name)
                     _logger.warning("skipped unreadable sample %s: %s", name, err)
                 index = (index + 1) % len(self.dataset)
                 continue
             return dict(item, skipped=skipped) if isinstance(item, dict) else (*item, skipped)
-        raise DatasetError(f"{self.max_retries} unreadable samples in a row (first error: {first_error}); "
-                           f"the data set looks broken")
+        raise DatasetError(f"{self.max_retries} unreadable samples in a row (first error: {first_error}; in "
+                           f"{first_name}); the data set looks broken")
 
 
 def collate_skipped(batch: Sequence[tuple]) -> Tuple[torch.Tensor, torch.Tensor, int]:

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from PIL import Image
 
-from .folder import DatasetError, ImageFolderDataset
+from .folder import DatasetError, ImageFolderDataset, apply_transform
 from .image import open_rgb
 
 __all__ = ["LABEL_MAP_SUFFIXES", "TokenLabelDataset", "TokenLabelTransform", "collate_token_label",
@@ -32,7 +32,9 @@ LABEL_MAP_SUFFIXES = (".pt", ".pth")
 
 def load_label_map(path: os.PathLike) -> torch.Tensor:
     """A (2, K, S, S) label map file; ``ValueError`` naming the file for any other shape."""
-    value = torch.load(path, map_location="cpu", weights_only=True)
+    from ..checkpoint import read_checkpoint
+
+    value = read_checkpoint(path, "token label map")  # names the file and why it cannot be read
     if not isinstance(value, torch.Tensor) or value.dim() != 4 or value.shape[0] != 2 or \
             value.shape[2] != value.shape[3]:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
@@ -159,7 +161,7 @@ class TokenLabelDataset(torch.utils.data.Dataset):
         label_map = load_label_map(self.label_files[index])
         if self.transform is None:
             raise RuntimeError("TokenLabelDataset.transform is not set (a TokenLabelTransform)")
-        img, dense = self.transform(img, label_map)
+        img, dense = apply_transform(self.transform, img, label_map)
         return img, (target, dense)
 
 

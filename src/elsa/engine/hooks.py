@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 from ..checkpoint import save_training_checkpoint
+from ..io import remove_stale_temporaries
 from .loop import Hook, Trainer
 from .state import get_rng_state
 
@@ -123,13 +124,13 @@ class CheckpointHook(Hook):
         self._saved_at = st.iteration
 
     def before_train(self, trainer: Trainer) -> None:
-        # a run killed while writing leaves its temporary file (elsa.io.atomic_write names it .NAME.XXXX.tmp)
-        if trainer.runtime.is_main and self.path.parent.is_dir():
-            names = [self.path.name] + ([self.snapshot.format(iteration="*")] if self.snapshot else []) + (
-                [Path(self.best_path).name] if self.best_path is not None else [])
-            for name in names:
-                for stale in self.path.parent.glob(f".{name}.*.tmp"):
-                    stale.unlink(missing_ok=True)
+        # a run killed while writing leaves its temporary files (elsa.io.atomic_write names them .NAME.XXXX.tmp)
+        if trainer.runtime.is_main:
+            removed = remove_stale_temporaries(self.path.parent)
+            if removed:
+                _logger.info("removed %d temporary file(s) left by an interrupted write in %s (%.1f MB): %s",
+                             len(removed), self.path.parent, sum(n for _, n in removed) / 1e6,
+                             ", ".join(p.name for p, _ in removed))
 
     def after_step(self, trainer: Trainer) -> None:
         if self.every_iters and trainer.state.iteration % self.every_iters == 0:

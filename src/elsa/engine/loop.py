@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
@@ -59,6 +60,18 @@ class Hook:
 
     def after_train(self, trainer: "Trainer") -> None:
         pass
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during ``Trainer.fit``: where the run stood and the checkpoint that resumes it (None when
+    none was written yet), so the command can print one line with the ``--resume`` command instead of a
+    traceback."""
+
+    def __init__(self, checkpoint: Optional[Path], epoch: int, iteration: int) -> None:
+        self.checkpoint, self.epoch, self.iteration = checkpoint, epoch, iteration
+        where = f"interrupted in epoch {epoch + 1} (iteration {iteration})"
+        super().__init__(f"{where}; continue with --resume {checkpoint}" if checkpoint is not None
+                         else f"{where}, before any checkpoint was written: nothing to resume")
 
 
 @dataclass
@@ -120,6 +133,25 @@ class Trainer:
                          else "off", "on" if self.state.scaler is not None else "off", self.state.epoch,
                          self.state.iteration)
         self._call("before_train")
+        try:
+            self._loop()
+        except KeyboardInterrupt as err:
+            if isinstance(err, Interrupted):
+                raise
+            raise Interrupted(self._checkpoint_path(), self.state.epoch, self.state.iteration) from None
+        self._call("after_train")
+        return self
+
+    def _checkpoint_path(self) -> Optional[Path]:
+        """The resumable checkpoint a CheckpointHook of this run has written, if any."""
+        from .hooks import CheckpointHook  # hooks import this module
+
+        for hook in self.hooks:
+            if isinstance(hook, CheckpointHook) and hook.path.is_file():
+                return hook.path
+        return None
+
+    def _loop(self) -> None:
         while not self.done():
             self._set_epoch(self.state.epoch)
             self._epoch = EpochStats()
@@ -133,8 +165,6 @@ class Trainer:
                 raise ValueError("the training data loader gave no batch in a whole epoch (fewer samples than one "
                                  "batch per process?)")
             self._end_epoch()
-        self._call("after_train")
-        return self
 
     def run_step(self, batch: Any) -> None:
         """Forward (task step, under autocast), non-finite check, backward with loss scaling, clipping, optimizer

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..checkpoint import fit_state_dict
 from .runtime import Runtime
 
 _logger = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class TrainState:
         """Restore everything ``state_dict`` saved (the model strictly). ``extra`` is left as the caller set it
         (this invocation's recipe and options; the task reads what it resumes, e.g. a best metric). Returns whether the RNG states were restored (only when the number of processes is the same; otherwise
         the caller reseeds)."""
-        self.model.load_state_dict(ckpt["model"])
+        fit_state_dict(self.model, ckpt["model"])  # strict, one short line for a file of another model
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scheduler is not None and "scheduler" in ckpt:
             self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -119,7 +120,7 @@ class TrainState:
             self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None:
             if "model_ema" in ckpt:
-                self.ema.module.load_state_dict(ckpt["model_ema"])
+                fit_state_dict(self.ema.module, ckpt["model_ema"])
             else:
                 _logger.warning("--resume: the checkpoint has no EMA weights; EMA restarts from the model")
                 self.ema.set(self.model)

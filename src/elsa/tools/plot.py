@@ -27,7 +27,11 @@ def read_metrics(run_dir: PathLike) -> list[dict]:
     if not path.is_file():
         raise ToolError(f"RUN_DIR: no metrics file {str(path)!r} (expected the directory `elsa train` wrote, "
                         f"holding metrics.jsonl)")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise ToolError(f"RUN_DIR: {str(path)!r} is not a metrics file (binary data; expected the run directory "
+                        f"of `elsa train` or its metrics.jsonl)") from None
     records = []
     for n, line in enumerate(lines, 1):
         try:
@@ -42,8 +46,13 @@ def read_metrics(run_dir: PathLike) -> list[dict]:
         records.append(record)
     if not records:
         raise ToolError(f"{path} holds no epochs yet (it is empty)")
+    known = ("train_loss", "val_loss", "val_top1", "val_top5", "lr")
+    if not any(k in r for r in records for k in known):
+        raise ToolError(f"{path} is not a metrics file of `elsa train`: no record has any of {list(known)}")
     for i, r in enumerate(records):
         r.setdefault("epoch", i)
+        if not isinstance(r["epoch"], (int, float)) or isinstance(r["epoch"], bool):
+            raise ToolError(f"{path}: record {i + 1} has a non-numeric epoch {r['epoch']!r}")
     return sorted(records, key=lambda r: r["epoch"])
 
 

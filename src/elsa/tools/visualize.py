@@ -9,6 +9,7 @@ block's ``attn`` module, whose input is ``norm1(x)`` as (B, H, W, C).
 from __future__ import annotations
 
 import logging
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -135,6 +136,10 @@ def _window(maps: AttentionMaps, i: int, j: int) -> tuple[float, float, float, f
     return x0 - 0.5, y0 - 0.5, (2 * half + 1) * cx, (2 * half + 1) * cy
 
 
+# Pixels side by side in one band of the figure (more pixels wrap to further bands).
+PIXELS_PER_BAND = 4
+
+
 def plot_attention_maps(maps: AttentionMaps, out: PathLike, heads: Optional[Sequence[int]] = None,
                         dpi: int = 100) -> Path:
     """Write the figure as a PNG (atomically) and return its path.
@@ -142,7 +147,8 @@ def plot_attention_maps(maps: AttentionMaps, out: PathLike, heads: Optional[Sequ
     Layout: one row per head (``heads``, default all). The left column(s) hold the head's ghost head(s); then,
     for each pixel, the head's attention softmax(a) and its filter mean(m * a + d). The top row shows the input
     with every pixel numbered (above the ghost columns) and, above each pixel's pair of columns, the input with
-    that pixel and its K x K window (in input pixels) drawn. Each panel has its own colour scale and colorbar."""
+    that pixel and its K x K window (in input pixels) drawn. Each panel has its own colour scale and colorbar.
+    More than ``PIXELS_PER_BAND`` pixels wrap into further bands (a grid), and the title wraps to the width."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,10 +165,19 @@ def plot_attention_maps(maps: AttentionMaps, out: PathLike, heads: Optional[Sequ
                                         (maps.ghost_add, f"ghost d*{maps.gamma:g}")) if t is not None]
     lead = max(1, len(ghosts))
     num_pixels = len(maps.pixels)
-    rows, cols = 1 + len(heads), lead + 2 * num_pixels
-    fig = plt.figure(figsize=(2.3 * cols, 2.1 * rows + 0.5))
+    # A grid, not one endless row: at most PIXELS_PER_BAND pixels side by side; more pixels start a new band
+    # (a row of window views, then one row per head), so many pixels stay readable.
+    per_band = min(num_pixels, PIXELS_PER_BAND)
+    bands = -(-num_pixels // per_band)
+    band_rows = 1 + len(heads)
+    rows, cols = bands * band_rows, lead + 2 * per_band
+    fig = plt.figure(figsize=(2.3 * cols, 2.1 * rows + 0.9))
     grid = fig.add_gridspec(rows, cols)
     colors = plt.cm.tab10.colors
+
+    def cell(n: int) -> tuple:
+        """(top row of pixel n's band, its first column)."""
+        return (n // per_band) * band_rows, lead + 2 * (n % per_band)
 
     def show_image(ax, title: str) -> None:
         ax.imshow(maps.image)
@@ -185,37 +200,45 @@ def plot_attention_maps(maps: AttentionMaps, out: PathLike, heads: Optional[Sequ
         cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
         cbar.ax.tick_params(labelsize=6)
 
-    # Top row: the whole input, then one view per pixel with its window.
-    ax = fig.add_subplot(grid[0, :lead])
-    show_image(ax, f"input {maps.image.shape[0]}x{maps.image.shape[1]} (model input)")
-    for n, (y, x) in enumerate(maps.pixels):
-        ax.plot([x], [y], marker="x", color=colors[n % 10], markersize=9, mew=2)
-        ax.annotate(str(n + 1), (x, y), xytext=(4, 4), textcoords="offset points", color=colors[n % 10],
-                    fontsize=10, fontweight="bold")
+    # Each band's top row: the whole input, then one view per pixel of the band with its window.
+    for band in range(bands):
+        ax = fig.add_subplot(grid[band * band_rows, :lead])
+        show_image(ax, f"input {maps.image.shape[0]}x{maps.image.shape[1]} (model input)")
+        for n, (y, x) in enumerate(maps.pixels):
+            ax.plot([x], [y], marker="x", color=colors[n % 10], markersize=9, mew=2)
+            ax.annotate(str(n + 1), (x, y), xytext=(4, 4), textcoords="offset points", color=colors[n % 10],
+                        fontsize=10, fontweight="bold")
     for n, ((y, x), (i, j)) in enumerate(zip(maps.pixels, maps.map_pixels)):
-        ax = fig.add_subplot(grid[0, lead + 2 * n:lead + 2 * n + 2])
+        top, col = cell(n)
+        ax = fig.add_subplot(grid[top, col:col + 2])
         show_image(ax, f"pixel {n + 1}: (y={y}, x={x}) -> map cell ({i},{j})\nbox: its {k}x{k} window")
         ax.plot([x], [y], marker="x", color=colors[n % 10], markersize=9, mew=2)
         x0, y0, w, h = _window(maps, i, j)
         ax.add_patch(Rectangle((x0, y0), w, h, fill=False, edgecolor=colors[n % 10], linewidth=2))
 
-    # One row per head.
-    for r, head in enumerate(heads, 1):
-        for c, (tensor, name) in enumerate(ghosts):
-            show_kernel(fig.add_subplot(grid[r, c]), tensor[head], f"head {head}: {name}\n(channel mean)", True)
-        if not ghosts:
-            ax = fig.add_subplot(grid[r, 0])
-            ax.axis("off")
-            ax.text(0.5, 0.5, f"head {head}\n(no ghost head)", ha="center", va="center", transform=ax.transAxes)
-        for n in range(num_pixels):
-            show_kernel(fig.add_subplot(grid[r, lead + 2 * n]), maps.attention[n, head],
+    # One row per head in each band.
+    for band in range(bands):
+        for r, head in enumerate(heads, band * band_rows + 1):
+            for c, (tensor, name) in enumerate(ghosts):
+                show_kernel(fig.add_subplot(grid[r, c]), tensor[head], f"head {head}: {name}\n(channel mean)", True)
+            if not ghosts:
+                ax = fig.add_subplot(grid[r, 0])
+                ax.axis("off")
+                ax.text(0.5, 0.5, f"head {head}\n(no ghost head)", ha="center", va="center", transform=ax.transAxes)
+    for n in range(num_pixels):
+        top, col = cell(n)
+        for r, head in enumerate(heads, top + 1):
+            show_kernel(fig.add_subplot(grid[r, col]), maps.attention[n, head],
                         f"head {head}, pixel {n + 1}\nattention softmax(a)", False)
-            show_kernel(fig.add_subplot(grid[r, lead + 2 * n + 1]), maps.combined[n, head],
+            show_kernel(fig.add_subplot(grid[r, col + 1]), maps.combined[n, head],
                         f"head {head}, pixel {n + 1}\nfilter mean(m*a + d)", True)
     note = "" if maps.ghost_mul is not None else ", lam = 0 (no m ghost: m = 1)"
-    fig.suptitle(f"ELSA block {maps.block}: {num_heads} heads, K={k}, dilation={maps.dilation}, attention map "
-                 f"{maps.map_size[0]}x{maps.map_size[1]}{note}; + marks the query pixel", fontsize=11)
-    fig.tight_layout()
+    title = (f"ELSA block {maps.block}: {num_heads} heads, K={k}, dilation={maps.dilation}, attention map "
+             f"{maps.map_size[0]}x{maps.map_size[1]}{note}; + marks the query pixel")
+    width_in = fig.get_size_inches()[0]
+    fig.suptitle("\n".join(textwrap.wrap(title, max(30, int(width_in * 10)))), fontsize=11)
+    height_in = fig.get_size_inches()[1]
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.8 / height_in))  # room for the (possibly wrapped) title
     out = Path(out)
     save_png(fig, out, dpi=dpi)
     _logger.info("wrote %s", out)

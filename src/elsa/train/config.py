@@ -107,6 +107,7 @@ class TrainConfig:
     seed: int = 42
     output: Optional[str] = None  # parent folder of run folders (default ./output/train)
     experiment: Optional[str] = None  # run folder name (default: date-model-size)
+    overwrite: bool = False  # replace a run already in output/experiment (default: a new NAME-N folder)
     log_interval: int = 50
     log_tensorboard: bool = False
     progress: bool = True
@@ -132,8 +133,16 @@ def _read_yaml(path: os.PathLike, what: str) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
-    with open(path) as f:
-        values = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{what} file {str(path)!r} is not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} file {str(path)!r} is not a UTF-8 text file: {err}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{what} file {str(path)!r} must hold a mapping of option: value, got {type(values).__name__}")
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
@@ -158,7 +167,7 @@ def load_config_file(path: os.PathLike) -> Dict[str, Any]:
 
 
 # Options of a resumed run that describe that one invocation, not the training: not taken from the checkpoint.
-_NOT_RESUMED = ("resume", "output", "experiment", "stop_after_epochs", "config", "save_rank_params")
+_NOT_RESUMED = ("resume", "output", "experiment", "overwrite", "stop_after_epochs", "config", "save_rank_params")
 
 
 def resumed_options(path: os.PathLike) -> Dict[str, Any]:
@@ -215,8 +224,37 @@ def _coerced(values: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+_TYPE_CHECKS = {
+    "int": (int,), "Optional[int]": (int, type(None)), "float": (int, float),
+    "Optional[float]": (int, float, type(None)),
+    "bool": (bool,), "str": (str,), "Optional[str]": (str, type(None)),
+}
+
+
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text"}
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Each option has its field's type (a --config file or recipe can hold anything YAML can): an epoch count of
+    1.5, a flag of "yes" or a list where a number belongs is an error naming the option."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        name = f"--{f.name.replace('_', '-')}"
+        kinds = _TYPE_CHECKS.get(str(f.type))
+        if kinds is not None:
+            wrong = not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+            if wrong:
+                raise ValueError(f"{name} must be {_TYPE_NAMES[str(f.type).replace('Optional[', '').rstrip(']')]}, "
+                                 f"got {value!r}")
+        elif str(f.type) in ("List[float]", "Optional[List[float]]") and value is not None:
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                               for v in value):
+                raise ValueError(f"{name} must be a list of numbers, got {value!r}")
+
+
 def validate_config(cfg: TrainConfig) -> None:
     """Argument checks with the option's name, what came and what was expected (before anything is built)."""
+    _check_types(cfg)
     def positive(name: str, allow_none: bool = False) -> None:
         v = getattr(cfg, name)
         if v is None and allow_none:
@@ -255,8 +293,7 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--token-label-size must be > 0, got {cfg.token_label_size!r}")
     if cfg.model_ema and not 0 < cfg.model_ema_decay < 1:
         raise ValueError(f"--model-ema-decay must be in (0, 1), got {cfg.model_ema_decay}")
-    for name in ("weight_decay", "warmup_lr", "min_lr", "color_jitter", "cooldown_epochs", "decay_epochs",
-                 "dense_weight"):
+    for name in ("weight_decay", "warmup_lr", "min_lr", "color_jitter", "cooldown_epochs", "dense_weight"):
         v = getattr(cfg, name)
         if v < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
@@ -273,3 +310,27 @@ def validate_config(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
     if cfg.decay_rate <= 0:
         raise ValueError(f"--decay-rate must be > 0, got {cfg.decay_rate}")
+    if cfg.decay_epochs <= 0:  # the step schedule divides by it
+        raise ValueError(f"--decay-epochs must be > 0, got {cfg.decay_epochs}")
+    if cfg.opt_eps is not None and cfg.opt_eps <= 0:
+        raise ValueError(f"--opt-eps must be > 0, got {cfg.opt_eps}")
+    if cfg.opt_betas is not None and (len(cfg.opt_betas) != 2 or not all(0 <= b < 1 for b in cfg.opt_betas)):
+        raise ValueError(f"--opt-betas takes two numbers in [0, 1) (beta1 beta2), got {list(cfg.opt_betas)}")
+    if cfg.cutmix_minmax is not None:
+        v = list(cfg.cutmix_minmax)
+        if len(v) != 2 or not 0 < v[0] < v[1] <= 1:
+            raise ValueError(f"--cutmix-minmax takes two numbers 0 < min < max <= 1, got {v}")
+    for name, bound in (("scale", 1.0), ("ratio", None)):  # random-resized crop: area fraction and aspect range
+        v = list(getattr(cfg, name) or [])
+        if len(v) != 2 or not all(isinstance(x, (int, float)) for x in v):
+            raise ValueError(f"--{name} takes two numbers (min max), got {v!r}")
+        if not 0 < v[0] <= v[1] or (bound is not None and v[1] > bound):
+            raise ValueError(f"--{name} must be 0 < min <= max{f' <= {bound:g}' if bound else ''}, got {v[0]:g} "
+                             f"{v[1]:g}")
+    if cfg.remode not in ("pixel", "rand", "const"):
+        raise ValueError(f"--remode must be 'pixel', 'rand' or 'const' (timm's RandomErasing modes), got "
+                         f"{cfg.remode!r}")
+    if cfg.recount < 1:
+        raise ValueError(f"--recount must be >= 1, got {cfg.recount}")
+    if cfg.reprob > 1:
+        raise ValueError(f"--reprob must be in [0, 1], got {cfg.reprob}")
