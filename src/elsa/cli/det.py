@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict
 
-from ._common import command, int_list, int_pair, json_object, positive_int, recipe_overrides
-from .seg import add_threads, apply_threads, non_negative_int, positive_float
+from ._common import add_threads_option, command, int_list, int_pair, json_object, positive_int, recipe_overrides
+from .seg import non_negative_int, positive_float
 
 _logger = logging.getLogger("elsa.det")
 
@@ -67,7 +67,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from elsa.dense.detection.data import build_datasets
     from elsa.dense.detection.engine import train
 
-    apply_threads(args)
     recipe = _recipe(args)
     random.seed(args.seed)  # the augmentation draws from Python's RNG
     torch.manual_seed(args.seed)
@@ -120,7 +119,6 @@ def cmd_test(args: argparse.Namespace) -> int:
     from elsa.engine import init_runtime
     from elsa.io import atomic_write_text
 
-    apply_threads(args)
     runtime = init_runtime(args.device)  # an explicit --device wins over the rank's default
     model, recipe, _ = _load_model(args)
     model.to(runtime.device)
@@ -152,7 +150,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from elsa.engine import resolve_device
     from elsa.io import atomic_write, atomic_write_text
 
-    apply_threads(args)
     several = len(args.image) > 1
     out = Path(args.out)
     if several and out.suffix.lower() == ".png":
@@ -213,7 +210,7 @@ def _common(p: argparse.ArgumentParser, recipe_default: str | None) -> None:
     p.add_argument("--test-size", type=int_pair, default=None, help="SHORT,LONG test resize (default: recipe's "
                                                                      "800,1333)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_threads(p)
+    add_threads_option(p)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

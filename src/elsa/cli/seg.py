@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ._common import command, float_list, int_pair, json_object, positive_int, recipe_overrides
+from ._common import add_threads_option, command, float_list, int_pair, json_object, positive_int, recipe_overrides
 
 MODES = ("whole", "slide", "ms-flip")
 
@@ -23,7 +23,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="recipe name (see `elsa seg recipes`)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA (default: float32, as the official runs)")
-    add_threads(p)
+    add_threads_option(p)
     g = p.add_argument_group("recipe overrides", "change the recipe for a short run, a small GPU or a custom model "
                                                  "(test/predict: the architecture comes from the checkpoint)")
     g.add_argument("--num-classes", type=positive_int, default=None, help="number of classes (ADE20K: 150)")
@@ -73,19 +73,6 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
-
-
-def add_threads(p: argparse.ArgumentParser) -> None:
-    """``--threads N`` (local until cli._common has a shared helper; applied by ``apply_threads``)."""
-    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
-
-
-def apply_threads(args: argparse.Namespace) -> None:
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
 
 
 def add_parser(subparsers) -> None:
@@ -169,7 +156,6 @@ def run_train(args: argparse.Namespace) -> int:
 
     from ..data.folder import DatasetError
 
-    apply_threads(args)
     recipe, _ = _recipe(args)
     result = engine.train(recipe, args.data, Path(args.output), pretrained=args.pretrained, resume=args.resume,
                           workers=args.workers, seed=args.seed, eval_mode=args.eval_mode, device=args.device,
@@ -195,7 +181,6 @@ def run_test(args: argparse.Namespace) -> int:
     from ..data.folder import DatasetError
     from ..engine import init_runtime
 
-    apply_threads(args)
     recipe, overridden = _recipe(args)
     model, recipe = engine.load_segmentor(args.checkpoint, recipe)
     if overridden:  # test-time settings may still be changed (e.g. --ms-ratios); architecture comes from the file
@@ -239,7 +224,6 @@ def run_predict(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"IMAGE: no such file {args.image}")
     if not args.out.lower().endswith(".png"):
         raise ValueError(f"--out must be a .png file, got {args.out}")
-    apply_threads(args)
     recipe, overridden = _recipe(args)
     model, recipe = engine.load_segmentor(args.checkpoint, recipe)
     if overridden:
