@@ -398,3 +398,34 @@ def test_seg_recipes_lists_the_official_settings(capsys):
     for name, r in RECIPES.items():
         row = next(line for line in printed.splitlines() if line.startswith(f"| {name} |"))
         assert f"| {r.iters} |" in row and f"{r.crop_size[0]}x{r.crop_size[1]}" in row and f"{r.lr:g}" in row
+
+
+# ------------------------------------------------------------------------------------------ earlier runs are kept
+def test_a_second_det_train_never_overwrites_the_first(det_run, coco, tmp_path, capsys):
+    recipe, first = det_run
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pth").write_bytes((first / "last.pth").read_bytes())
+    before = (out / "last.pth").read_bytes()
+    argv = ["det", "train", "--recipe", recipe, "--data", coco, "--output", out, "--iters", "1", "--batch-size", "2",
+            "--no-eval", "--no-progress"]
+    rc, _, err = run(capsys, *argv)
+    assert rc == 0, err
+    assert (out / "last.pth").read_bytes() == before  # the earlier run is untouched ...
+    assert (tmp_path / "run-1" / "last.pth").is_file()  # ... and the new one went next to it
+    rc, _, err = run(capsys, *argv, "--overwrite")  # asked for: replaced in place
+    assert rc == 0, err
+    assert (out / "last.pth").read_bytes() != before
+    assert not (tmp_path / "run-2").exists()
+
+
+def test_a_second_seg_train_never_overwrites_the_first(seg_ckpt, ade, tmp_path, capsys):
+    out = tmp_path / "seg"
+    out.mkdir()
+    (out / "latest.pth").write_bytes(seg_ckpt.read_bytes())
+    before = (out / "latest.pth").read_bytes()
+    rc, _, err = run(capsys, "seg", "train", *SEG, "--data", ade, "--output", out, "--iters", "1", "--batch-size",
+                     "2", "--workers", "0", "--eval-interval", "0")
+    assert rc == 0, err
+    assert (out / "latest.pth").read_bytes() == before
+    assert (tmp_path / "seg-1" / "latest.pth").is_file()

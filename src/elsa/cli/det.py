@@ -65,7 +65,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from elsa.dense.detection import build_detector
     from elsa.dense.detection.data import build_datasets
-    from elsa.dense.detection.engine import train
+    from elsa.dense.detection.engine import RUN_FILES, train
+    from elsa.engine.run_dir import free_run_dir
 
     recipe = _recipe(args)
     random.seed(args.seed)  # the augmentation draws from Python's RNG
@@ -83,6 +84,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         report = model.backbone.body.load_pretrained(args.pretrained)
         _logger.info("pretrained backbone: %d tensors missing, %d unused", len(report.missing), len(report.unexpected))
     output = Path(args.output or f"output/det/{recipe.name}")
+    if not args.resume:
+        output = free_run_dir(output, RUN_FILES, args.overwrite, resume_hint="; --resume continues it")
     summary = train(model, recipe, datasets["train"], output, val_set=datasets.get("val"), resume=args.resume,
                     eval_interval=args.eval_interval, progress=not args.no_progress)
     if summary["rank"] != 0:  # the runtime's rank: rank 0 alone reports
@@ -229,6 +232,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained", default=None, help="classification (or detection) checkpoint for the backbone")
     p.add_argument("--output", default=None, help="output folder (default output/det/<recipe>)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pth")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in OUTPUT (default: a folder holding a run gives way to OUTPUT-1, ...)")
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True, help="evaluate on val at the end")
     p.add_argument("--eval-interval", type=non_negative_int, default=0, help="also evaluate every N epochs "
                                                                               "(default 0: at the end only)")

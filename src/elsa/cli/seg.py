@@ -85,6 +85,8 @@ def add_parser(subparsers) -> None:
     t.add_argument("--pretrained", default=None, help="ImageNet classification checkpoint for the backbone")
     t.add_argument("--output", default="output/seg", help="folder for checkpoints, log.jsonl and eval JSON")
     t.add_argument("--resume", action="store_true", help="continue from OUTPUT/latest.pth")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in OUTPUT (default: a folder holding a run gives way to OUTPUT-1, ...)")
     t.add_argument("--workers", type=non_negative_int, default=4, help="data-loading processes per GPU (default 4)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     t.add_argument("--eval-mode", choices=MODES, default=None, help="evaluation mode during training (default whole)")
@@ -155,18 +157,22 @@ def run_train(args: argparse.Namespace) -> int:
     from ..dense.segmentation import engine
 
     from ..data.folder import DatasetError
+    from ..engine.run_dir import free_run_dir
 
     recipe, _ = _recipe(args)
-    result = engine.train(recipe, args.data, Path(args.output), pretrained=args.pretrained, resume=args.resume,
+    output = Path(args.output)
+    if not args.resume:
+        output = free_run_dir(output, engine.RUN_FILES, args.overwrite, resume_hint="; --resume continues it")
+    result = engine.train(recipe, args.data, output, pretrained=args.pretrained, resume=args.resume,
                           workers=args.workers, seed=args.seed, eval_mode=args.eval_mode, device=args.device,
                           grad_checkpointing=args.grad_checkpointing)
     if "mIoU" in result and result["rank"] == 0:  # the runtime's rank: rank 0 alone reports
         if not result.get("num_images"):
             raise DatasetError(f"--data {args.data}: none of the validation images could be evaluated (first: "
-                               f"{result.get('first_skipped')}); the checkpoint is in {args.output}")
+                               f"{result.get('first_skipped')}); the checkpoint is in {output}")
         if not result.get("labelled_pixels"):
             raise DatasetError(f"--data {args.data}: the validation images have no labelled pixel (every label is "
-                               f"0 or 255, both ignored): mIoU is not computable; the checkpoint is in {args.output}")
+                               f"0 or 255, both ignored): mIoU is not computable; the checkpoint is in {output}")
         print(f"final: mIoU {100 * result['mIoU']:.2f}  aAcc {100 * result['aAcc']:.2f}  "
               f"mAcc {100 * result['mAcc']:.2f}")
         if result.get("skipped"):  # the numbers above leave these out: say so

@@ -27,6 +27,7 @@ from ..checkpoint import CheckpointError, load_training_checkpoint, read_checkpo
 from ..data import (DatasetError, SkipUnreadable, build_train_transform, collate_skipped, create_dataset,
                     resolve_model_data_config)
 from ..data.token_label import TokenLabelDataset, TokenLabelTransform, collate_token_label
+from ..engine import run_dir
 from ..engine import (CheckpointHook, Hook, Interrupted, ProgressHook, Runtime, StepOutput, Trainer, TrainState,
                       cleanup_runtime, init_runtime, seed_everything, seed_worker)
 from ..io import atomic_write_text, save_safetensors
@@ -63,7 +64,7 @@ RUN_FILES = ("last.pth", "best.pth", "model.safetensors", "metrics.jsonl")
 
 def holds_run(folder: Path) -> bool:
     """Whether ``folder`` already holds the results of a training run."""
-    return any((folder / name).exists() for name in RUN_FILES)
+    return run_dir.holds_run(folder, RUN_FILES)
 
 
 def resolve_run_dir(cfg: TrainConfig, img_size: Optional[int] = None) -> Path:
@@ -80,18 +81,7 @@ def resolve_run_dir(cfg: TrainConfig, img_size: Optional[int] = None) -> Path:
     folder = Path(cfg.output or os.path.join("output", "train")) / name
     if cfg.resume and folder.resolve() == Path(cfg.resume).resolve().parent:
         return folder
-    if not holds_run(folder):
-        return folder
-    if cfg.overwrite:
-        _logger.warning("--overwrite: replacing the earlier run in %s", folder)
-        return folder
-    n = 1
-    while holds_run(folder.with_name(f"{folder.name}-{n}")):
-        n += 1
-    new = folder.with_name(f"{folder.name}-{n}")
-    _logger.warning("%s already holds a run (%s); this run goes to %s instead (pass --overwrite to replace it)",
-                    folder, ", ".join(f for f in RUN_FILES if (folder / f).exists()), new)
-    return new
+    return run_dir.free_run_dir(folder, RUN_FILES, cfg.overwrite)
 
 
 @contextlib.contextmanager

@@ -60,6 +60,10 @@ def _to(targets: List[Dict[str, torch.Tensor]], device: torch.device) -> List[Di
     return [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
 
 
+# A folder holding any of these holds a run that a new `elsa det train` must not overwrite.
+RUN_FILES = ("last.pth", "metrics.json", "log.jsonl")
+
+
 def train(model: nn.Module, recipe: DetRecipe, train_set: CocoInstances, output: Path,
           val_set: Optional[CocoInstances] = None, resume: bool = False, eval_interval: int = 0,
           device: Optional[torch.device] = None, progress: bool = True, log_interval: int = 50) -> Dict[str, Any]:

@@ -156,6 +156,10 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------------- train
+# A folder holding any of these holds a run that a new `elsa seg train` must not overwrite.
+RUN_FILES = ("latest.pth", "eval_latest.json", "log.jsonl")
+
+
 def train(recipe: SegRecipe, data_root, output: Path, pretrained: Optional[str] = None, resume: bool = False,
           workers: int = 4, seed: int = 0, progress: bool = True, eval_mode: Optional[str] = None,
           device: Optional[str] = None, grad_checkpointing: bool = False) -> Dict[str, object]:
