@@ -108,3 +108,28 @@ def test_trace_at_one_size_is_right_at_another():
         for size in [(64, 80), (48, 33)]:
             x = torch.randn(2, 3, *size)
             torch.testing.assert_close(traced(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_backbone_onnx_with_dynamic_height_and_width(tmp_path, dynamo, one_thread):
+    """Both ONNX exporters, batch, height and width dynamic, run in onnxruntime at other sizes (the smallest backbone
+    with a shifting window stage: one ELSA block per stage)."""
+    onnxruntime = pytest.importorskip("onnxruntime", reason="the [export] extra is not installed")
+    torch.manual_seed(0)
+    backbone = ELSASwinBackbone.from_name("elsa_swin_pico", depths=(1, 1, 2), out_indices=(2,),
+                                          drop_path_rate=0.0).eval()
+    path, x = str(tmp_path / "backbone.onnx"), torch.randn(2, 3, 40, 48)
+    with torch.no_grad():
+        if dynamo:
+            dynamic = torch.export.Dim.DYNAMIC
+            torch.onnx.export(backbone, (x,), path, dynamo=True, input_names=["x"], external_data=False,
+                              dynamic_shapes={"x": {0: dynamic, 2: dynamic, 3: dynamic}})
+        else:
+            torch.onnx.export(backbone, (x,), path, dynamo=False, input_names=["x"],
+                              dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"}})
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        for size in [(64, 40), (37, 83)]:
+            x = torch.randn(3, 3, *size)
+            got = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+            torch.testing.assert_close(got, backbone(x)[0], atol=1e-4, rtol=1e-4)

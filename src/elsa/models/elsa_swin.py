@@ -35,12 +35,19 @@ def _relative_position_index(window: int) -> Tensor:
     return (rel[..., 0] * (2 * window - 1) + rel[..., 1]).flatten()
 
 
+def _mod(a: Tensor, n) -> Tensor:
+    """``a % n`` for a >= 0 and n > 0 that may be a symbolic int: the dynamo ONNX exporter cannot lower
+    ``remainder`` by a symbolic scalar, but it can divide and multiply by one (a >= 0: the TorchScript-based
+    exporter's division truncates)."""
+    return a - a // n * n
+
+
 def _windowed_pixels(nh, nw, window: int, device: torch.device) -> Tuple[Tensor, Tensor]:
     """Row and column in the padded (nh * window, nw * window) map of each pixel in window order (window by window,
     row-major inside each), computed from one arange: no view or permute whose sizes a symbolic shape would guard."""
     p = torch.arange(nh * nw * window * window, device=device)
     win, inner = p // (window * window), p % (window * window)
-    return win // nw * window + inner // window, win % nw * window + inner % window
+    return win // nw * window + inner // window, _mod(win, nw) * window + inner % window
 
 
 def _window_indices(h, w, window: int, shift, device: torch.device) -> Tuple[Tensor, Tensor]:
@@ -56,10 +63,10 @@ def _window_indices(h, w, window: int, shift, device: torch.device) -> Tuple[Ten
     nh, nw = (h + window - 1) // window, (w + window - 1) // window
     hp, wp = nh * window, nw * window
     y, x = _windowed_pixels(nh, nw, window, device)
-    rows, cols = (y + shift) % hp, (x + shift) % wp  # torch.roll(-shift): padded pixel y reads y + shift
+    rows, cols = _mod(y + shift, hp), _mod(x + shift, wp)  # torch.roll(-shift): padded pixel y reads y + shift
     part = torch.where((rows < h) & (cols < w), rows * w + cols, h * w)
-    rows = (torch.arange(h, device=device) - shift) % hp  # where each pixel went
-    cols = (torch.arange(w, device=device) - shift) % wp
+    rows = _mod(torch.arange(h, device=device) - shift + hp, hp)  # where each pixel went
+    cols = _mod(torch.arange(w, device=device) - shift + wp, wp)
     back = ((rows // window * nw)[:, None] + (cols // window)[None, :]) * window ** 2 \
         + (rows % window * window)[:, None] + (cols % window)[None, :]
     return part, back.reshape(-1)
