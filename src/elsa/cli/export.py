@@ -19,6 +19,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default=None, help="default: MODEL.onnx / MODEL.pt2")
     p.add_argument("--img-size", type=positive_int, default=None, help="default: the model's input size")
     p.add_argument("--batch", type=positive_int, default=2, help="example batch traced (the axis stays dynamic)")
+    p.add_argument("--dynamic-size", action="store_true",
+                   help="height and width dynamic too (checked at --check-size)")
+    p.add_argument("--check-size", type=positive_int, default=None,
+                   help="size the written file is checked at (default: --img-size; another needs --dynamic-size)")
     p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
                    help="ONNX exporter: torch.export-based (default) or the older TorchScript-based one")
     add_threads_option(p)
@@ -33,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     size = args.img_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
     in_chans = model.pretrained_cfg.get("input_size", (3,))[0]
     output = args.output or f"{args.model}.{args.format}"
-    report = export_model(model, output, args.format, size, in_chans, args.batch, args.exporter)
+    report = export_model(model, output, args.format, size, in_chans, args.batch, args.exporter,
+                          dynamic_size=args.dynamic_size, check_size=args.check_size)
     print(f"wrote {report.path} ({report.format}, {report.exporter}, {report.seconds:.1f} s); checked at batch "
-          f"{args.batch + 1}: max |difference| from eager {report.max_abs_diff:.2e}")
+          f"{args.batch + 1}, size {args.check_size or size}: max |difference| from eager {report.max_abs_diff:.2e}")
     return 0

@@ -40,12 +40,12 @@ def _qk_dim(dim: int, dim_qk: Optional[int], group_width: int) -> int:
 def _fusable(h: Tensor, conv: nn.Conv2d, act: nn.Module) -> bool:
     """Whether oneDNN's fused convolution + GELU may run: CPU float32 inference in eager mode (it has no autograd
     formula, and compilers and exporters should see the plain ops)."""
+    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        return False  # asked first: torch.compile(fullgraph=True) cannot trace the oneDNN availability query
     return (h.device.type == "cpu" and h.dtype == torch.float32 and isinstance(act, nn.GELU)
             and act.approximate == "none" and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
             and not (torch.is_grad_enabled() and (h.requires_grad or conv.weight.requires_grad))
-            and _HAS_FUSED_CONV and torch.backends.mkldnn.is_available()
-            and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export()
-            and not torch.jit.is_tracing())
+            and _HAS_FUSED_CONV and torch.backends.mkldnn.is_available())
 
 
 _HAS_FUSED_CONV = hasattr(torch.ops.mkldnn, "_convolution_pointwise")

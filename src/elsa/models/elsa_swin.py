@@ -38,32 +38,57 @@ def _relative_position_index(window: int, device: Optional[torch.device] = None)
     return (rel[..., 0] * (2 * window - 1) + rel[..., 1]).flatten()
 
 
-def _window_partition(x: Tensor, window: int) -> Tensor:
-    """(B, H, W, C) -> (B * H/w * W/w, w*w, C)."""
-    b, h, w, c = x.shape
-    x = x.view(b, h // window, window, w // window, window, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, c)
+def _mod(a: Tensor, n) -> Tensor:
+    """``a % n`` for a >= 0 and n > 0 that may be a symbolic int: the dynamo ONNX exporter cannot lower
+    ``remainder`` by a symbolic scalar, but it can divide and multiply by one (a >= 0: the TorchScript-based
+    exporter's division truncates)."""
+    return a - a // n * n
 
 
-def _window_reverse(windows: Tensor, window: int, h: int, w: int) -> Tensor:
-    """(B * H/w * W/w, w*w, C) -> (B, H, W, C)."""
-    c = windows.shape[-1]
-    x = windows.view(-1, h // window, w // window, window, window, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+def _windowed_pixels(nh, nw, window: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """Row and column in the padded (nh * window, nw * window) map of each pixel in window order (window by window,
+    row-major inside each), computed from one arange: no view or permute whose sizes a symbolic shape would guard."""
+    p = torch.arange(nh * nw * window * window, device=device)
+    win, inner = p // (window * window), p % (window * window)
+    return win // nw * window + inner // window, _mod(win, nw) * window + inner % window
 
 
-def _shift_mask(h: int, w: int, window: int, shift: int, device: torch.device) -> Tensor:
-    """Additive mask (nW, w*w, w*w) that keeps shifted windows from mixing regions (Swin's -100 rule)."""
-    region = torch.zeros((1, h, w, 1), device=device)
-    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    label = 0
-    for hs in cuts:
-        for ws in cuts:
-            region[:, hs, ws, :] = label
-            label += 1
-    ids = _window_partition(region, window).squeeze(-1)
+def _window_indices(h, w, window: int, shift, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """Gather indices between an (h, w) map and its windows after Swin's padding and cyclic shift.
+
+    ``part`` ((nh * nw * w*w,)): for each windowed pixel, the flat pixel of the map it reads, ``h * w`` for the
+    padding (a zero pixel appended to the map); ``back`` ((h * w,)): for each pixel, its place among the windowed
+    pixels. Two gathers replace pad, roll, partition, reverse, roll and crop: fewer copies, and index arithmetic
+    that symbolic shapes keep small (torch.compile's code generator stalls in sympy on the fused modulo indexing of
+    the six-step form at a second size). ``h``, ``w`` and ``shift`` may be ints, symbolic ints or (under
+    ``torch.jit.trace``) 0-dim tensors, so that a trace at one size stays right at another.
+    """
+    nh, nw = (h + window - 1) // window, (w + window - 1) // window
+    hp, wp = nh * window, nw * window
+    y, x = _windowed_pixels(nh, nw, window, device)
+    rows, cols = _mod(y + shift, hp), _mod(x + shift, wp)  # torch.roll(-shift): padded pixel y reads y + shift
+    part = torch.where((rows < h) & (cols < w), rows * w + cols, h * w)
+    rows = _mod(torch.arange(h, device=device) - shift + hp, hp)  # where each pixel went
+    cols = _mod(torch.arange(w, device=device) - shift + wp, wp)
+    back = ((rows // window * nw)[:, None] + (cols // window)[None, :]) * window ** 2 \
+        + (rows % window * window)[:, None] + (cols % window)[None, :]
+    return part, back.reshape(-1)
+
+
+def _shift_mask(nh, nw, window: int, shift, device: torch.device) -> Tensor:
+    """Additive mask (nh * nw, w*w, w*w) that keeps shifted windows from mixing regions (Swin's -100 rule).
+
+    Regions of the padded, shifted map: 0 before the last window, 1 in it up to the ``shift`` rows (columns)
+    rolled in from the top (left), 2 in those. Written as comparisons of pixel coordinates, not as slice
+    assignments bounded by the map's size, so that symbolic sizes (and traced ones) stay cheap and general."""
+    y, x = _windowed_pixels(nh, nw, window, device)
+
+    def region(i: Tensor, n) -> Tensor:
+        return (i >= (n - 1) * window).long() + (i >= n * window - shift).long()
+
+    ids = (region(y, nh) * 3 + region(x, nw)).view(-1, window * window)
     diff = ids[:, None, :] - ids[:, :, None]
-    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+    return torch.where(diff != 0, -100.0, 0.0)
 
 
 class WindowAttention(nn.Module):
@@ -137,19 +162,20 @@ class SwinBlock(nn.Module):
         b, h, w, c = x.shape
         ws = self.window_size
         shift = self.shift_size
-        if not self.always_shift and min(h, w) <= ws:
-            shift = 0  # one window covers the short side: the official classification model does not shift
-        pad_h, pad_w = (ws - h % ws) % ws, (ws - w % ws) % ws
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        hp, wp = h + pad_h, w + pad_w
-        mask = None
-        if shift:
-            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
-            mask = _shift_mask(hp, wp, ws, shift, x.device)
-        x = _window_reverse(self.attn(_window_partition(x, ws), mask), ws, hp, wp)
-        if shift:
-            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
-        return x[:, :h, :w].contiguous()
+        if shift and not self.always_shift:
+            # one window covers the short side: the official classification model does not shift. Under
+            # torch.jit.trace the sizes are 0-dim tensors and so is this decision (a Python branch would be frozen
+            # at the traced size; a zero shift gives an all-zero mask)
+            if torch.jit.is_tracing():
+                shift = (torch.stack([h, w]).min() > ws).long() * shift
+            elif min(h, w) <= ws:
+                shift = 0
+        nh, nw = (h + ws - 1) // ws, (w + ws - 1) // ws
+        part, back = _window_indices(h, w, ws, shift, x.device)
+        pixels = torch.cat([x.reshape(b, h * w, c), x.new_zeros(b, 1, c)], 1)  # + the zero padding pixel
+        windows = pixels.index_select(1, part).view(-1, ws * ws, c)
+        mask = _shift_mask(nh, nw, ws, shift, x.device) if isinstance(shift, Tensor) or shift else None
+        return self.attn(windows, mask).reshape(b, -1, c).index_select(1, back).view(b, h, w, c)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self._attend(self.norm1(x)))
@@ -168,9 +194,9 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, h, w, c = x.shape
-        x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
-        b, h, w, c = x.shape
-        x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        hh, hw = (h + 1) // 2, (w + 1) // 2  # output size, as in SwinBlock: no nested modulo for symbolic shapes
+        x = F.pad(x, (0, 0, 0, 2 * hw - w, 0, 2 * hh - h))
+        x = x.reshape(b, hh, 2, hw, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
         return self.reduction(self.norm(x))
 
 
@@ -334,7 +360,11 @@ class ELSASwin(nn.Module):
 
     def _embed(self, x: Tensor) -> Tensor:
         """(B, in_chans, H, W) -> patch embedding (+ absolute position embedding), after position dropout."""
-        x = self.patch_embed(x)
+        # pad to whole patches here, as the window stage does (ceil division), so that the patch embedding's own
+        # padding, (p - H % p) % p, is zero; with symbolic sizes that nested modulo would run through every later
+        # stage's size expression, and torch.compile's code generator stalls in sympy on them
+        (ph, pw), (h, w) = self.patch_embed.patch_size, x.shape[-2:]
+        x = self.patch_embed(F.pad(x, (0, (w + pw - 1) // pw * pw - w, 0, (h + ph - 1) // ph * ph - h)))
         if self.absolute_pos_embed is not None:
             x = x + _resized_pos_embed(self.absolute_pos_embed, self.patch_embed.grid_size, x.shape[1:3])
         return self.pos_drop(x)

@@ -2,8 +2,14 @@
 
 ONNX has no ELSA custom op: while an ONNX exporter traces, ``elsa.ops`` writes the operator in standard ops
 (``elsa.ops.decomposed``), so the file runs in any ONNX runtime. A .pt2 program keeps the ``elsa::*`` custom ops
-(the fast kernels); loading it needs ``import elsa`` first. The batch axis is dynamic in both. Every export is
-checked: the written file is loaded and run at another batch size than the traced one, against eager PyTorch.
+(the fast kernels); loading it needs ``import elsa`` first. The batch axis is dynamic in both; with
+``dynamic_size`` height and width too. Every export is checked: the written file is loaded and run at another batch
+size than the traced one (and, with ``dynamic_size``, at ``check_size``), against eager PyTorch.
+
+With ``dynamic_size``, the torch.export-based paths (dynamo ONNX, pt2) keep the ranges torch.export proves: the
+classifier's window stage shifts only where its last map is larger than one window, and torch.export keeps the
+side of that rule it traced (a guard rejects inputs on the other side): trace at a size like those you will run.
+The TorchScript-based exporter records that decision as a tensor and serves both sides.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -31,8 +37,10 @@ class ExportReport:
 
 
 def export_model(model: nn.Module, path: Union[str, os.PathLike], fmt: str = "onnx", img_size: int = 224,
-                 in_chans: int = 3, batch: int = 2, exporter: str = "dynamo") -> ExportReport:
-    """Write ``model`` (eval mode, CPU) to ``path`` as ``fmt`` with a dynamic batch axis, then check the file."""
+                 in_chans: int = 3, batch: int = 2, exporter: str = "dynamo", dynamic_size: bool = False,
+                 check_size: Optional[int] = None) -> ExportReport:
+    """Write ``model`` (eval mode, CPU) to ``path`` as ``fmt`` with a dynamic batch axis (and height and width with
+    ``dynamic_size``), then check the file at batch + 1 and ``check_size`` (default: ``img_size``)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if exporter not in EXPORTERS:
@@ -41,6 +49,11 @@ def export_model(model: nn.Module, path: Union[str, os.PathLike], fmt: str = "on
         raise ValueError(f"img_size must be >= 1, got {img_size}")
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    check_size = img_size if check_size is None else check_size
+    if check_size != img_size and not dynamic_size:
+        raise ValueError(f"check_size must equal img_size ({img_size}) without dynamic_size, got {check_size}")
+    if check_size < 1:
+        raise ValueError(f"check_size must be >= 1, got {check_size}")
     model = model.eval().cpu()
     x = torch.randn(batch, in_chans, img_size, img_size)
     path = Path(path)
@@ -48,19 +61,23 @@ def export_model(model: nn.Module, path: Union[str, os.PathLike], fmt: str = "on
     fd, tmp = tempfile.mkstemp(suffix=path.suffix or f".{fmt}", dir=path.parent)  # written whole, then renamed
     os.close(fd)
     try:
+        # Dim.DYNAMIC for the sizes: torch.export cannot prove some always-true stride guards over a named range
+        dims = (dict.fromkeys((0, 2, 3), torch.export.Dim.DYNAMIC) if dynamic_size
+                else {0: torch.export.Dim("batch")})
+        axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
         start = time.perf_counter()
         with torch.no_grad():
             if fmt == "pt2":
-                program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+                program = torch.export.export(model, (x,), dynamic_shapes={"x": dims})
                 torch.export.save(program, tmp)
             elif exporter == "dynamo":
                 torch.onnx.export(model, (x,), tmp, dynamo=True, input_names=["x"], output_names=["y"],
-                                  dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, external_data=False)
+                                  dynamic_shapes={"x": dims}, external_data=False)
             else:
                 torch.onnx.export(model, (x,), tmp, dynamo=False, input_names=["x"], output_names=["y"],
-                                  dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+                                  dynamic_axes={"x": axes, "y": {0: "batch"}})
         seconds = time.perf_counter() - start
-        diff = _check(tmp, fmt, model, torch.randn(batch + 1, in_chans, img_size, img_size))
+        diff = _check(tmp, fmt, model, torch.randn(batch + 1, in_chans, check_size, check_size))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
