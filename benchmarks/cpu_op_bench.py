@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -102,6 +103,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "cpu_op_bench.json"))
     args = parser.parse_args(argv)
 
+    load_before = os.getloadavg()  # other processes on the machine: the figures depend on them
     inputs = {b: make_inputs(b, args.batch) for b in BACKENDS}
     memory = {b: peak_added_mib(b, inputs[b]) for b in BACKENDS}
     times = {(b, fn.__name__): [] for b in BACKENDS for fn in (forward, forward_backward)}
@@ -124,7 +126,9 @@ def main(argv=None) -> dict:
         threads=torch.get_num_threads(), torch=torch.__version__,
         shape=dict(batch=args.batch, heads=HEADS, channels=CHANNELS, side=SIDE, kernel_size=K, ghost="add",
                    softmax=True, dtype="float32"),
-        rounds=args.rounds, reference_rounds=args.reference_rounds, results=rows, speedup=speedup)
+        rounds=args.rounds, reference_rounds=args.reference_rounds,
+        loadavg=dict(before=[round(x, 2) for x in load_before], after=[round(x, 2) for x in os.getloadavg()]),
+        results=rows, speedup=speedup)
     print(f"{'backend':<10} {'fwd (ms)':>9} {'fwd+bwd (ms)':>13} {'peak added (MiB)':>17}")
     for name, r in rows.items():
         print(f"{name:<10} {r['fwd_ms']:>9.1f} {r['fwd_bwd_ms']:>13.1f} {r['peak_added_mib']:>17.1f}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
 
     interleave = not cuda if args.interleave is None else args.interleave
     runner = bench.run_interleaved if interleave else bench.run
+    load_before = os.getloadavg()  # other processes on the machine: the figures depend on them
     results = runner(models, settings, modes=args.modes, on_result=progress)
     env = bench.environment(device)
     print(f"{env['device_name']} | torch {env['torch']} | timm {env['timm']} | triton {env['triton']} | {env['date']}")
@@ -73,6 +75,8 @@ def main(argv=None) -> int:
     out = Path(args.json) if args.json else Path(__file__).parent / "results" / f"model_bench_{bench.device_slug(device)}.json"
     doc = bench.to_json(results, device, dict(models=models, modes=args.modes, precisions=precisions,
                                               interleaved=interleave, threads=torch.get_num_threads(),
+                                              loadavg=dict(before=[round(x, 2) for x in load_before],
+                                                           after=[round(x, 2) for x in os.getloadavg()]),
                                               argv=sys.argv[1:] if argv is None else list(argv)))
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1)))
     print(f"wrote {out}")

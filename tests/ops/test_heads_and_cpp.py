@@ -118,6 +118,36 @@ def test_cpp_bfloat16_against_float32_reference(ghosts):
         torch.testing.assert_close(g16.float() / scale, g32 / scale, atol=2e-2, rtol=0)
 
 
+FLOAT32_CASES = [  # C = 32, float32: the register-blocked kernels. The first four take the fused backward (grad_v
+    # scattered in pass 1, blocks of 8 rows in two phases: 20 and 27 output rows give 3 and 4 blocks); dilation 2
+    # with K = 7 (2 * 3 * 2 >= 9) and stride 1 takes the two-pass backward.
+    (2, 3, 20, 11, 7, 1, 1),
+    (1, 2, 27, 9, 5, 1, 1),
+    (2, 2, 41, 13, 7, 1, 2),
+    (1, 1, 6, 5, 7, 1, 1),
+    (1, 2, 19, 10, 7, 2, 1),
+]
+
+
+@pytest.mark.parametrize("case", FLOAT32_CASES)
+@pytest.mark.parametrize("ghosts", GHOSTS)
+def test_cpp_float32_32_channels_against_float64_reference(case, ghosts):
+    b, heads, h, w, k, dilation, stride = case
+    v, logits, mul, add = projection_output(b, heads, 32, h, w, k, stride, ghosts, seed=sum(case))
+    exact = [t.requires_grad_() for t in (v, logits, mul, add) if t is not None]
+    live = [t.detach().float().requires_grad_() for t in exact]
+    it = iter(live)
+    args32 = [next(it) if t is not None else None for t in (v, logits, mul, add)]
+    got = elsa_softmax_aggregate(*args32, kernel_size=k, dilation=dilation, stride=stride, num_heads=heads,
+                                 backend="cpp")
+    expected = flat_reference(v, logits, mul, add, heads, k, dilation, stride, True)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(expected)
+    for g_got, g_exp in zip(torch.autograd.grad(got, live, grad.float()), torch.autograd.grad(expected, exact, grad)):
+        scale = g_exp.abs().max()
+        torch.testing.assert_close(g_got.double() / scale, g_exp / scale, atol=1e-5, rtol=0)
+
+
 def test_cpp_gradients_do_not_depend_on_the_thread_count():
     v, logits, mul, add = projection_output(3, 2, 32, 20, 9, 5, 1, "both", dtype=torch.float32, seed=9)
     inputs = [t.requires_grad_() for t in (v, logits, mul, add)]

@@ -12,10 +12,11 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, register_notrace_module, trunc_normal_
+from timm.layers import DropPath, register_notrace_module, trunc_normal_
 from torch import Tensor
 
 from ..ops import elsa_aggregate, elsa_softmax_aggregate
+from .cpu_fused import Linear, Mlp, inference_fusable, linear
 
 
 # Keywords the official Swin stage (BasicLayer) hands to every block of a stage and the official ELSA/ELSABlock
@@ -40,12 +41,8 @@ def _qk_dim(dim: int, dim_qk: Optional[int], group_width: int) -> int:
 def _fusable(h: Tensor, conv: nn.Conv2d, act: nn.Module) -> bool:
     """Whether oneDNN's fused convolution + GELU may run: CPU float32 inference in eager mode (it has no autograd
     formula, and compilers and exporters should see the plain ops)."""
-    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
-        return False  # asked first: torch.compile(fullgraph=True) cannot trace the oneDNN availability query
-    return (h.device.type == "cpu" and h.dtype == torch.float32 and isinstance(act, nn.GELU)
-            and act.approximate == "none" and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-            and not (torch.is_grad_enabled() and (h.requires_grad or conv.weight.requires_grad))
-            and _HAS_FUSED_CONV and torch.backends.mkldnn.is_available())
+    return (isinstance(act, nn.GELU) and act.approximate == "none" and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str) and _HAS_FUSED_CONV and inference_fusable(h, conv.weight, conv.bias))
 
 
 _HAS_FUSED_CONV = hasattr(torch.ops.mkldnn, "_convolution_pointwise")
@@ -53,8 +50,8 @@ _HAS_FUSED_CONV = hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 def _pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """A 1x1 ``conv`` (official parameter layout, kept for the checkpoints) applied as a matmul to channels-last
-    pixels x (..., C_in) -> (..., C_out)."""
-    return F.linear(x, conv.weight.reshape(conv.out_channels, conv.in_channels), conv.bias)
+    pixels x (..., C_in) -> (..., C_out); the bias added inside the matmul in CPU float32 inference."""
+    return linear(x, conv.weight.reshape(conv.out_channels, conv.in_channels), conv.bias)
 
 
 # A leaf for torch.fx (timm's feature extraction): the operator checks its arguments and picks a kernel from the
@@ -139,7 +136,7 @@ class ELSA(nn.Module):
         )
         self.ghost_head = self._init_ghost_head(**dd)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.post_proj = nn.Linear(self.dim_v, dim, **dd)
+        self.post_proj = Linear(self.dim_v, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _init_ghost_head(self, device: Optional[torch.device] = None,

@@ -17,13 +17,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import (DropPath, Mlp, PatchEmbed, SelectAdaptivePool2d, get_device_dtype, register_notrace_function,
+from timm.layers import (DropPath, PatchEmbed, SelectAdaptivePool2d, get_device_dtype, register_notrace_function,
                          register_notrace_module, trunc_normal_)
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor
 
 from ..layers import ELSABlock
+from ..layers.cpu_fused import Mlp  # timm's Mlp, with oneDNN's fused linear + GELU in CPU float32 inference
 from ._checkpoint import unwrap_state_dict
 from ._features import FeatureGetterNet
 

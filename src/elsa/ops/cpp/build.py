@@ -28,7 +28,7 @@ _log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernel.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _failure: Optional[str] = None
 

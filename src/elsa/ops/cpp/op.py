@@ -65,14 +65,18 @@ def _params(v: Tensor, attn: Tensor, ghost_mul, ghost_add, kernel_size: int, dil
     return (ctypes.c_int64 * len(values))(*values)
 
 
-def _run(pass_: int, dtype: torch.dtype, params, tensors: list[Optional[Tensor]]) -> None:
+_NOT_APPLICABLE = 3  # the kernel's answer when the fused backward (pass 3) does not cover a case
+
+
+def _run(pass_: int, dtype: torch.dtype, params, tensors: list[Optional[Tensor]]) -> int:
     lib = build.load()
     if lib is None:
         raise RuntimeError(build.failure() or "the compiled CPU kernel is unavailable")
     ptrs = (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
     status = lib.elsa_cpu_run(_DTYPES[dtype], pass_, params, ptrs, torch.get_num_threads())
-    if status != 0:  # pragma: no cover - why_not() rejects other dtypes first
+    if status not in (0, _NOT_APPLICABLE):  # pragma: no cover - why_not() rejects other dtypes first
         raise RuntimeError(f"elsa CPU kernel: unsupported dtype {dtype}")
+    return status
 
 
 @torch.library.custom_op("elsa::cpp_aggregate", mutates_args=())
@@ -137,16 +141,23 @@ def cpp_aggregate_backward(
                      (need_v, need_attn, need_mul, need_add))
     mul, add = _ghost_rows(ghost_mul, num_heads, kk), _ghost_rows(ghost_add, num_heads, kk)
     blocks = -(-ho // _ROWS_PER_BLOCK)
-    probs = v.new_empty((b, ho, wo, num_heads, kk), dtype=acc) if need_v else None
     gattn = _channels_last_empty(v, b, num_heads * kk, ho, wo) if need_attn else v.new_empty(0)
     parts = [v.new_empty((b, blocks, num_heads, kk, c), dtype=acc) if need else None
              for need in (need_mul, need_add)]
-    if need_attn or need_mul or need_add or need_v:
-        _run(1, v.dtype, params, [grad, v, attn, mul, probs, gattn, *parts])
     gv = v.new_empty(0)
-    if need_v:
-        gv = _channels_last_empty(v, b, gc, h, w)
-        _run(2, v.dtype, params, [grad, mul, add, probs, gv])
+    fused = False
+    if v.dtype == torch.float32 and c == 32 and (need_attn or need_mul or need_add or need_v):
+        # one walk: grad_v scattered next to the attention gradient, no stored probabilities (kernel's pass 3)
+        gv = v.new_zeros((b, h, w, gc)).permute(0, 3, 1, 2) if need_v else None
+        fused = _run(3, v.dtype, params, [grad, v, attn, mul, add, gattn, *parts, gv]) == 0
+        gv = gv if need_v else v.new_empty(0)
+    if not fused:
+        probs = v.new_empty((b, ho, wo, num_heads, kk), dtype=acc) if need_v else None
+        if need_attn or need_mul or need_add or need_v:
+            _run(1, v.dtype, params, [grad, v, attn, mul, probs, gattn, *parts])
+        if need_v:
+            gv = _channels_last_empty(v, b, gc, h, w)
+            _run(2, v.dtype, params, [grad, mul, add, probs, gv])
 
     def ghost_grad(part: Optional[Tensor], ghost: Optional[Tensor]) -> Tensor:
         if part is None:
