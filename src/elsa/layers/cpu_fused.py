@@ -41,7 +41,7 @@ def inference_fusable(x: Tensor, *params: Optional[Tensor]) -> bool:
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, gelu: bool = False) -> Tensor:
     """``F.linear(x, weight, bias)``, followed by the exact (erf) GELU when ``gelu``; fused by oneDNN in CPU
     float32 inference, the eager ops otherwise."""
-    if _HAS_FUSED_LINEAR and x.dim() >= 2 and inference_fusable(x, weight, bias):
+    if _HAS_FUSED_LINEAR and inference_fusable(x, weight, bias) and x.dim() >= 2:  # asked first: fx proxies
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
                                                   "none" if gelu else "")
     y = F.linear(x, weight, bias)

@@ -71,6 +71,12 @@ def _fused_conv_formula(x_shape: Any, w_shape: Any, *args: Any, out_shape: Any =
     return conv_flop_count(list(x_shape), list(w_shape), list(out_shape), transposed=False)
 
 
+def _fused_linear_formula(x_shape: Any, w_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    # oneDNN's linear with its bias (and GELU) fused, which the ELSA layers run in CPU inference: a matmul's count,
+    # bias not counted (as PyTorch's addmm formula)
+    return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
+
+
 def _packet(name: str) -> Optional[torch._ops.OpOverloadPacket]:
     try:
         return getattr(torch.ops.elsa, name)
@@ -92,9 +98,10 @@ def register_elsa_flop_formulas() -> list[str]:
             if packet not in flop_registry:
                 register_flop_formula(packet)(formula)
             covered.append(name)
-    fused_conv = getattr(torch.ops.mkldnn, "_convolution_pointwise", None) if hasattr(torch.ops, "mkldnn") else None
-    if fused_conv is not None and fused_conv not in flop_registry:
-        register_flop_formula(fused_conv)(_fused_conv_formula)
+    for name, formula in (("_convolution_pointwise", _fused_conv_formula), ("_linear_pointwise", _fused_linear_formula)):
+        fused = getattr(torch.ops.mkldnn, name, None) if hasattr(torch.ops, "mkldnn") else None
+        if fused is not None and fused not in flop_registry:
+            register_flop_formula(fused)(formula)
     return covered
 
 
