@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from elsa import ELSA, ELSABlock
 from elsa.ops import reference
+from tests.dispatch_count import CountOps
 
 
 @pytest.mark.parametrize("lam,gamma,shape", [
@@ -128,22 +129,12 @@ def test_layer_backends_agree_with_reference_forward_and_backward(backend, lam, 
         torch.testing.assert_close(got, expected)
 
 
-class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def test_layer_forward_makes_no_layout_copies():
     """The projection's output goes to the operator and the operator's output to the next projection as they
     are: no clone, contiguous copy or reshape copy anywhere in the layer (there were four per call)."""
     layer = ELSA(96, num_heads=3, kernel_size=7, lam=0, qkv_bias=True, qk_scale=1.0).eval()
     x = torch.randn(2, 14, 13, 96)
-    with torch.no_grad(), _CountOps() as mode:
+    with torch.no_grad(), CountOps() as mode:
         layer(x)
     assert "elsa.cpp_aggregate" in mode.ops
     copies = [op for op in mode.ops if op.split(".")[-1] in ("clone", "copy_", "contiguous", "_to_copy", "expand")]
@@ -156,10 +147,10 @@ def test_cpu_inference_fuses_the_conv_and_gelu_with_the_same_result():
     torch.manual_seed(3)
     layer = ELSA(48, num_heads=3, kernel_size=5, lam=1, gamma=1, group_width=8).eval()
     x = torch.randn(2, 9, 10, 48)
-    with torch.no_grad(), _CountOps() as mode:
+    with torch.no_grad(), CountOps() as mode:
         fused = layer(x)
     assert "mkldnn._convolution_pointwise" in mode.ops
-    with _CountOps() as mode:  # with autograd: the plain convolution and GELU
+    with CountOps() as mode:  # with autograd: the plain convolution and GELU
         plain = layer(x)
     assert "mkldnn._convolution_pointwise" not in mode.ops and "aten.gelu" in mode.ops
     torch.testing.assert_close(fused, plain.detach(), atol=1e-5, rtol=1e-5)

@@ -25,6 +25,7 @@ if why_not(torch.empty(0, device=DEVICE)) is not None:
     pytest.skip(f"triton backend cannot run here: {why_not(torch.empty(0, device=DEVICE))}", allow_module_level=True)
 
 from elsa.ops.triton import band, op  # noqa: E402
+from tests.dispatch_count import CountOps  # noqa: E402
 
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3), torch.bfloat16: (2e-2, 2e-2)}
 NAMES = ("v", "logits", "ghost_mul", "ghost_add")
@@ -192,23 +193,12 @@ def test_heads_opcheck():
 def test_layer_forward_makes_no_copies_on_triton():
     """The ELSA layer's forward on the triton backend: the projections' outputs go into the op and its output to
     the next projection as they are (the flattening it replaced copied v, the logits, the ghosts and the output)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from elsa import ELSA
-
-    class _CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
 
     for lam in (0, 1):  # additive ghost only (ELSA-Swin), both ghosts
         layer = ELSA(24, num_heads=3, kernel_size=5, lam=lam, qkv_bias=True, qk_scale=1.0, backend="triton").eval()
         x = torch.randn(2, 7, 6, 24)
-        with torch.no_grad(), _CountOps() as mode:
+        with torch.no_grad(), CountOps() as mode:
             out = layer(x)
         assert "elsa.triton_softmax_aggregate" in mode.ops
         copies = [o for o in mode.ops if o.split(".")[-1] in ("clone", "copy_", "contiguous", "_to_copy", "expand")]
