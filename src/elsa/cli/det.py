@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict
 
-from ._common import add_threads_option, command, int_list, int_pair, json_object, positive_int, recipe_overrides
-from .seg import non_negative_int, positive_float
+from ._common import (add_threads_option, command, int_list, int_pair, json_object, non_negative_int,
+                      positive_float, positive_int, probability, recipe_overrides)
 
 _logger = logging.getLogger("elsa.det")
 
@@ -279,17 +279,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recipes", help="list the detection recipes")
     p.set_defaults(func=command("det recipes")(cmd_recipes))
     det.set_defaults(func=lambda a: (det.print_help(), 2)[1])
-
-
-def probability(text: str) -> float:
-    """argparse type: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
-    return value
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:

@@ -14,7 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
-from ._common import add_threads_option, command, float_list, int_pair, json_object, positive_int, recipe_overrides
+from ._common import (add_threads_option, command, float_list, int_pair, json_object, non_negative_int,
+                      positive_float, positive_int, recipe_overrides)
 
 MODES = ("whole", "slide", "ms-flip")
 
@@ -51,28 +52,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-amp", action="store_true", help="float32 even if the recipe turns autocast on")
     g.add_argument("--amp-dtype", choices=["float16", "bfloat16"], default=None,
                    help="turn autocast on with this dtype (default float16, CUDA only; bfloat16 also on CPU)")
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value > 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def add_parser(subparsers) -> None:
