@@ -44,12 +44,6 @@ def _ghost_rows(ghost: Optional[Tensor], heads: int, kk: int) -> Optional[Tensor
     return rows.transpose(-1, -2).contiguous()
 
 
-def _channels_last_empty(like: Tensor, b: int, channels: int, h: int, w: int,
-                         dtype: Optional[torch.dtype] = None) -> Tensor:
-    """An uninitialised (b, channels, h, w) tensor with channels-last strides."""
-    return like.new_empty((b, h, w, channels), dtype=dtype).permute(0, 3, 1, 2)
-
-
 def _params(v: Tensor, attn: Tensor, ghost_mul, ghost_add, kernel_size: int, dilation: int, stride: int,
             heads: int, softmax: bool, need=(False, False, False, False)) -> ctypes.Array:
     b, gc, h, w = v.shape
@@ -97,7 +91,7 @@ def cpp_aggregate(
     attn = _channels_last(attn, kk)
     b, gc = v.shape[:2]
     ho, wo = attn.shape[-2:]
-    out = _channels_last_empty(v, b, gc, ho, wo)
+    out = _custom_op.channels_last_empty(v, b, gc, ho, wo)
     params = _params(v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride, num_heads, softmax)
     _run(0, v.dtype, params, [v, attn, _ghost_rows(ghost_mul, num_heads, kk),
                               _ghost_rows(ghost_add, num_heads, kk), out])
@@ -106,7 +100,7 @@ def cpp_aggregate(
 
 @cpp_aggregate.register_fake
 def _(v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride, num_heads, softmax):
-    return _channels_last_empty(v, v.shape[0], v.shape[1], attn.shape[2], attn.shape[3])
+    return _custom_op.fake_heads_forward(v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride, num_heads)
 
 
 @torch.library.custom_op("elsa::cpp_aggregate_backward", mutates_args=())
@@ -141,7 +135,7 @@ def cpp_aggregate_backward(
                      (need_v, need_attn, need_mul, need_add))
     mul, add = _ghost_rows(ghost_mul, num_heads, kk), _ghost_rows(ghost_add, num_heads, kk)
     blocks = -(-ho // _ROWS_PER_BLOCK)
-    gattn = _channels_last_empty(v, b, num_heads * kk, ho, wo) if need_attn else v.new_empty(0)
+    gattn = _custom_op.channels_last_empty(v, b, num_heads * kk, ho, wo) if need_attn else v.new_empty(0)
     parts = [v.new_empty((b, blocks, num_heads, kk, c), dtype=acc) if need else None
              for need in (need_mul, need_add)]
     gv = v.new_empty(0)
@@ -156,7 +150,7 @@ def cpp_aggregate_backward(
         if need_attn or need_mul or need_add or need_v:
             _run(1, v.dtype, params, [grad, v, attn, mul, probs, gattn, *parts])
         if need_v:
-            gv = _channels_last_empty(v, b, gc, h, w)
+            gv = _custom_op.channels_last_empty(v, b, gc, h, w)
             _run(2, v.dtype, params, [grad, mul, add, probs, gv])
 
     def ghost_grad(part: Optional[Tensor], ghost: Optional[Tensor]) -> Tensor:
@@ -173,15 +167,7 @@ def cpp_aggregate_backward(
 @cpp_aggregate_backward.register_fake
 def _(grad, v, attn, ghost_mul, ghost_add, kernel_size, dilation, stride, num_heads, softmax,
       need_v, need_attn, need_mul, need_add):
-    b, gc, h, w = v.shape
-    ho, wo = attn.shape[-2:]
-    kk = kernel_size * kernel_size
-    return (
-        _channels_last_empty(v, b, gc, h, w) if need_v else v.new_empty(0),
-        _channels_last_empty(v, b, num_heads * kk, ho, wo) if need_attn else v.new_empty(0),
-        ghost_mul.new_empty(ghost_mul.shape) if need_mul and ghost_mul is not None else v.new_empty(0),
-        ghost_add.new_empty(ghost_add.shape) if need_add and ghost_add is not None else v.new_empty(0),
-    )
+    return _custom_op.fake_heads_gradients(v, attn, ghost_mul, ghost_add, need_v, need_attn, need_mul, need_add)
 
 
 cpp_aggregate.register_autograd(_custom_op.make_backward(cpp_aggregate_backward),
