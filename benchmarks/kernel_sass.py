@@ -273,13 +273,13 @@ def kernel_cases(path: str, batch: int, heads: int, side: int, layout: str) -> l
         return [
             dict(kernel="forward", fn=band_fn, flags=dict(geom, HAS_ADD=True, TRANSPOSED=False),
                  tiles=band_tiles(band.BAND_TILES, "v"), prefixes=dict(s="v", a="logits", d="ghost", o="out"),
-                 loops=lambda cfg: [("softmax stats", KK), ("neighbour rows", K)],
+                 loops=lambda cfg: [("softmax stats", K), ("neighbour rows", K)],  # statistics: a loop over rows
                  dram=(n * C * hw * 2 + n * KK * hw) * el),
             dict(kernel="grad_logits+ghost", fn=attn_fn,
                  flags=dict(geom, WRITE_LSE=True, NEED_ATTN=True, NEED_ADD=True),
                  tiles=attn_tiles(band.BAND_BWD_TILES),
                  prefixes=dict(g="grad", v="v", a="logits", ga="ga", gd="ghost_grad"),
-                 loops=lambda cfg: [("softmax stats", KK),
+                 loops=lambda cfg: [("softmax stats", KK),  # unrolled
                                     ("neighbour rows", K, [("channel blocks", channel_trips(cfg))]),
                                     ],  # the softmax backward (KK logits per pixel) is unrolled
                  dram=(n * C * hw * 2 + n * KK * hw * 2) * el + n * KK * hw * 8 + n * hw * 4),

@@ -177,6 +177,21 @@ def test_heads_tensor_cores_real_tile():
     _compare(inputs, 3, 7, 1, 1, True)
 
 
+@pytest.mark.parametrize("tile", [(32, 32, 8, 8, 1), (32, 32, 8, 8, 2)], ids=["forward-and-grad-v", "logit-grad"])
+def test_heads_tensor_cores_stage1_tile(tile, monkeypatch):
+    """The tiles benchmarks/kernel_sass.py picks for ELSA-Swin-T's stage 1 (32 x 8 pixels, 32 channels; the first
+    is the forward's and the v gradient's, the second the logit gradient's): two heads on a 40 x 18 map, so
+    2 x 3 pixel tiles with partial ones at the bottom and right, K = 7, bfloat16, fused softmax."""
+    fixed = []  # per launch: whether it ran this tile
+    real_launch = band._launch
+    monkeypatch.setattr(band, "_launch", lambda kernel, tiles, *args, **kwargs: (
+        fixed.append(tile in tiles), real_launch(kernel, tiles, *args, **kwargs)))
+    inputs = projection_output(1, 2, 32, 40, 18, 7, 1, False, True, dtype=torch.bfloat16, seed=7)
+    with band.fixed_tile(tile):
+        _compare(inputs, 2, 7, 1, 1, True)
+    assert fixed == ([True, False, True] if tile in band.BAND_TILES else [False, True, False])
+
+
 def test_heads_opcheck():
     """Schema, fake (meta) implementations with channels-last strides, autograd registration, AOT dispatch."""
     v, logits, m, d = projection_output(2, 2, 2, 5, 6, 3, 1, True, True, seed=2)

@@ -26,15 +26,17 @@ from .layout import ghost_grad, ghost_grad_rows, ghost_strides
 
 INTERPRET = isinstance(kernels_tc.elsa_band_kernel, InterpretedFunction)
 
-# (BLOCK_C, TILE_H, TILE_W, warps, pipeline stages), cheapest first in benchmarks/kernel_sass.py at the
-# ELSA-Swin stages. 16 x 16 tiles, and 8 x 8 ones (56 = 7 x 8: no padded pixels; on the channels-last maps of
-# the layer the cheapest forward with 4 warps, and v gradient with 2, both without pipelining); one to four
-# stages of software pipelining, whichever is cheapest without register spills. TILE_H >= 16 in the backward
-# (it is the contraction of the ghost-gradient product). The interpreter runs the first one, a tile size a GPU
-# really uses; the tests run every one (fixed_tile).
-BAND_TILES = [(32, 16, 16, 8, 2), (32, 8, 8, 4, 1), (32, 16, 8, 4, 2), (32, 16, 16, 8, 3), (64, 16, 16, 8, 2),
-              (16, 16, 16, 4, 2), (32, 8, 8, 2, 1)]
-BAND_BWD_TILES = [(32, 16, 16, 8, 4), (32, 16, 16, 8, 2), (32, 16, 8, 4, 2), (64, 16, 16, 8, 2)]
+# (BLOCK_C, TILE_H, TILE_W, warps, pipeline stages): the cheapest spill-free tiles in benchmarks/kernel_sass.py at
+# the ELSA-Swin stages, in both layouts. 32 x 8 tiles with 8 warps win every kernel at stages 1 and 2 (the
+# ghost's Toeplitz band, built per channel block and neighbour row, is shared by 32 pixel rows, and the
+# ghost-gradient product contracts over 32 of them); at 14 x 14 (stage 3) 16-row tiles pad less. 8 x 8 tiles
+# (56 = 7 x 8: no padded pixels) for the v gradient of contiguous maps; 64 and 16 channel blocks for other head
+# widths. TILE_H >= 16 in the backward (it is the contraction of the ghost-gradient product). The interpreter
+# runs the first one, a tile size a GPU really uses; the tests run every one (fixed_tile).
+BAND_TILES = [(32, 16, 16, 8, 2), (32, 32, 8, 8, 1), (32, 16, 8, 4, 1), (32, 8, 8, 2, 1), (32, 16, 8, 4, 2),
+              (32, 16, 16, 8, 1), (64, 16, 16, 8, 2), (16, 16, 16, 4, 2)]
+BAND_BWD_TILES = [(32, 16, 16, 8, 3), (32, 32, 8, 8, 2), (32, 16, 16, 8, 4), (32, 16, 16, 8, 2), (32, 16, 8, 4, 2),
+                  (64, 16, 16, 8, 2)]
 MIN_CHANNELS = 16
 
 

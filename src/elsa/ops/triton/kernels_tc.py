@@ -24,7 +24,7 @@ Costs (SASS instructions per element-neighbour, whole kernels) are counted by be
 
 ``TRANSPOSED`` turns the same kernel into the v-gradient: gv[c, y, x] = sum_k g[c, q] * (a[k, q] + d[c, k])
 with q = (y - (i - K//2)*R, x - (j - K//2)*R), i.e. neighbour rows and columns reflected and the attention
-read at the source position q (with the softmax, from the log-sum-exp the attention-gradient kernel wrote).
+read at the source position q (with the softmax, from the base-2 log-sum-exp the attention-gradient kernel wrote).
 
 Products run in the storage dtype (float16/bfloat16) with float32 accumulation; float32 inputs use the
 CUDA-core kernels (tl.dot would default to TF32). ``UPCAST_DOT`` is for Triton's CPU interpreter only, whose
@@ -39,6 +39,7 @@ import triton.language as tl
 from .kernels import _sample
 
 _NEG_BIG = tl.constexpr(-1.0e30)
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -93,19 +94,38 @@ def _window_columns(x0, W, VEC: tl.constexpr, SPAN: tl.constexpr, PAD: tl.conste
 
 
 @triton.jit
-def _pixel_softmax_stats(a_base, sa_k, sa_h, sa_w, y, x, inside, K: tl.constexpr, KP: tl.constexpr):
-    """(max, 1/sum exp) over the K*K logits of each pixel of the tile (shape of ``y + x``), one logit per
-    pixel at a time. (Loading a neighbour row of logits at once and reducing it is slower: the reduction
-    crosses threads, as the pixel tile is laid out for the products.)"""
+def _pixel_log2_sum_exp(a_base, sa_k, sa_h, sa_w, y, x, inside, K: tl.constexpr, ROW_LOOP: tl.constexpr):
+    """log2 sum_k 2^(logit_k * log2 e) over the K*K logits of each pixel of the tile (shape of ``y + x``): the
+    base-2 log-sum-exp, so that a probability is one FFMA and one ex2, ``exp2(logit * LOG2E - lse2)``.
+
+    ``tl.exp2`` is a bare MUFU.EX2 on sm_90 where ``tl.exp`` adds a denormal fix-up around it. Every logit loads
+    at a constant offset and costs a max, an FFMA, an ex2 and an add. Without ROW_LOOP it is unrolled whole, in
+    two passes (max, then sum). With it, a loop runs over the K neighbour rows, each unrolled, with an online
+    rescaling (one more ex2 per row): for a tile of fewer pixels than threads, where the unrolled form lets the
+    compiler lay the statistics out as the products want them and repeat each pixel in up to eight threads."""
     off = y * sa_h + x * sa_w
-    mx = tl.full(off.shape, _NEG_BIG, tl.float32)
+    mx2 = tl.full(off.shape, _NEG_BIG, tl.float32)
     sm = tl.zeros(off.shape, tl.float32)
-    for k in range(K * K):
-        lg = tl.load(a_base + k * sa_k + off, mask=inside, other=0.0).to(tl.float32)
-        new_mx = tl.maximum(mx, lg)
-        sm = sm * tl.exp(mx - new_mx) + tl.exp(lg - new_mx)
-        mx = new_mx
-    return mx, 1.0 / sm
+    if ROW_LOOP:
+        for i in range(K):
+            row_mx = tl.full(off.shape, _NEG_BIG, tl.float32)
+            for j in tl.static_range(K):
+                lg = tl.load(a_base + (i * K + j) * sa_k + off, mask=inside, other=0.0).to(tl.float32)
+                row_mx = tl.maximum(row_mx, lg)
+            new_mx2 = tl.maximum(mx2, row_mx * LOG2E)
+            sm = sm * tl.exp2(mx2 - new_mx2)
+            for j in tl.static_range(K):
+                lg = tl.load(a_base + (i * K + j) * sa_k + off, mask=inside, other=0.0).to(tl.float32)
+                sm += tl.exp2(lg * LOG2E - new_mx2)
+            mx2 = new_mx2
+    else:
+        for k in tl.static_range(K * K):
+            mx2 = tl.maximum(mx2, tl.load(a_base + k * sa_k + off, mask=inside, other=0.0).to(tl.float32))
+        mx2 = mx2 * LOG2E
+        for k in tl.static_range(K * K):
+            lg = tl.load(a_base + k * sa_k + off, mask=inside, other=0.0).to(tl.float32)
+            sm += tl.exp2(lg * LOG2E - mx2)
+    return mx2 + tl.log2(sm)
 
 
 @triton.jit
@@ -142,7 +162,7 @@ def elsa_band_kernel(
 ):
     """Forward (src = v) or, with TRANSPOSED, v-gradient (src = grad of out). out (B, G*C, H, W) by its strides.
 
-    Grid: (N * channel blocks * pixel tiles,), tiles fastest. lse (N, H, W) float32 is read only when
+    Grid: (N * channel blocks * pixel tiles,), tiles fastest. lse (N, H, W) float32, base 2, is read only when
     TRANSPOSED and SOFTMAX. The K logits of a neighbour row are loaded compactly (KP slots per pixel, a
     quarter of the band's entries, slots K.. zero), turned into probabilities there, and spread onto the band
     with ``tl.gather``; the ghost row is spread onto its Toeplitz band the same way. EVEN_C: C % BLOCK_C == 0.
@@ -177,7 +197,7 @@ def elsa_band_kernel(
     j_t = tl.permute(j, (0, 2, 1))  # (1, SPAN, TILE_W)
 
     if SOFTMAX and not TRANSPOSED:
-        mx, inv = _pixel_softmax_stats(a_base, sa_k, sa_h, sa_w, y[:, None], x[None, :], in_p, K, KP)
+        lse2 = _pixel_log2_sum_exp(a_base, sa_k, sa_h, sa_w, y[:, None], x[None, :], in_p, K, True)
 
     acc = tl.zeros([TILE_H, TILE_W, BLOCK_C], tl.float32)
     if HAS_ADD:
@@ -206,13 +226,13 @@ def elsa_band_kernel(
                          mask=src_in[:, :, None] & (jk < K)[None, None, :], other=0.0).to(tl.float32)
             if SOFTMAX:
                 lse = tl.load(lse_ptr + n * H * W + (ys * W)[:, None] + xs[None, :], mask=src_in, other=0.0)
-                lg = tl.where((jk < K)[None, None, :], tl.exp(lg - lse[:, :, None]), 0.0)
+                lg = tl.where((jk < K)[None, None, :], tl.exp2(lg * LOG2E - lse[:, :, None]), 0.0)
             att = tl.permute(tl.gather(lg, tl.broadcast_to(j_t, [TILE_H, SPAN, TILE_W]), 2), (0, 2, 1))
         else:  # attention at the output pixel (y, x): compact (TILE_H, TILE_W, KP)
             lg = tl.load(a_base + (y * sa_h)[:, None, None] + (x * sa_w)[None, :, None] + (k * sa_k)[None, None, :],
                          mask=in_p[:, :, None] & (jk < K)[None, None, :], other=0.0).to(tl.float32)
             if SOFTMAX:
-                lg = tl.where((jk < K)[None, None, :], tl.exp(lg - mx[:, :, None]) * inv[:, :, None], 0.0)
+                lg = tl.where((jk < K)[None, None, :], tl.exp2(lg * LOG2E - lse2[:, :, None]), 0.0)
             att = tl.gather(lg, tl.broadcast_to(j, [TILE_H, TILE_W, SPAN]), 2)
         acc = _dot(att.to(vt.dtype), vt, acc, UPCAST_DOT)
 
@@ -290,9 +310,9 @@ def elsa_band_bwd_attn_kernel(
     else:
         dp_base = ga_ptr + pix
     if SOFTMAX:
-        mx, inv = _pixel_softmax_stats(a_base, sa_k, sa_h, sa_w, y[:, None], x[None, :], in_p, K, KP)
+        lse2 = _pixel_log2_sum_exp(a_base, sa_k, sa_h, sa_w, y[:, None], x[None, :], in_p, K, False)
         if WRITE_LSE:
-            tl.store(lse_ptr + n * H * W + (y * W)[:, None] + x[None, :], mx - tl.log(inv), mask=in_p)
+            tl.store(lse_ptr + n * H * W + (y * W)[:, None] + x[None, :], lse2, mask=in_p)
         pdp = tl.zeros([TILE_H, TILE_W], tl.float32)
 
     if ALL_C:  # one channel block: the gradient tile is loaded once
@@ -333,7 +353,7 @@ def elsa_band_bwd_attn_kernel(
             tl.store(dp_base[:, :, None] + k * sga_k, dp.to(dp_base.dtype.element_ty), mask=store_mask)
             if SOFTMAX:
                 lg = tl.load(a_base + k * sa_k + p_off[:, :, None], mask=store_mask, other=0.0).to(tl.float32)
-                prob = tl.where(store_mask, tl.exp(lg - mx[:, :, None]) * inv[:, :, None], 0.0)
+                prob = tl.where(store_mask, tl.exp2(lg * LOG2E - lse2[:, :, None]), 0.0)
                 pdp += tl.sum(prob * dp, axis=2)
 
     if SOFTMAX and NEED_ATTN:
@@ -342,5 +362,5 @@ def elsa_band_bwd_attn_kernel(
         for k in tl.static_range(KK):  # unrolled: one pixel per thread, the loop control would cost a third
             lg = tl.load(a_base + k * sa_k + p_off, mask=in_p, other=0.0).to(tl.float32)
             dp = tl.load(dp_base + k * sga_k, mask=in_p, other=0.0)
-            tl.store(ga_ptr + pix + k * sga_k, (tl.exp(lg - mx) * inv * (dp - pdp)).to(ga_ptr.dtype.element_ty),
+            tl.store(ga_ptr + pix + k * sga_k, (tl.exp2(lg * LOG2E - lse2) * (dp - pdp)).to(ga_ptr.dtype.element_ty),
                      mask=in_p)
