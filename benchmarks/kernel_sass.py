@@ -156,17 +156,21 @@ def _shared_bytes(opcode: str) -> int:
 LOOP_MARKERS = {"softmax stats": ("MUFU", "HMMA")}
 
 
-def match_loops(instrs: list, spans: list, expected: list) -> list[tuple[tuple[int, int], tuple[str, int, int]]]:
+def match_loops(instrs: list, spans: list, expected: list,
+                innermost: frozenset = frozenset()) -> list[tuple[tuple[int, int], tuple[str, int, int]]]:
     """Pairs (SASS loop, source loop), in address order. A source loop with no SASS loop of its depth (and
-    marker) next in line was unrolled by the compiler: its copies are straight-line code, counted once each."""
+    marker) next in line was unrolled by the compiler: its copies are straight-line code, counted once each.
+    A source loop in ``innermost`` (it has no loops inside) never stands for a SASS loop that has loops inside."""
     depths, pairs, k = _depths(spans), [], 0
     for span, depth in zip(spans, depths):
         body = {op.split(".")[0] for a, op, _ in instrs if span[0] <= a <= span[1]}
+        nests = any(o != span and span[0] <= o[0] and o[1] <= span[1] for o in spans)
         while k < len(expected):
             name, _, want = expected[k]
             need, forbid = LOOP_MARKERS.get(name, (None, None))
             k += 1
-            if want == depth and (need is None or need in body) and forbid not in body:
+            if (want == depth and (need is None or need in body) and forbid not in body
+                    and not (nests and expected[k - 1] in innermost)):
                 pairs.append((span, expected[k - 1]))
                 break
         else:
@@ -175,11 +179,22 @@ def match_loops(instrs: list, spans: list, expected: list) -> list[tuple[tuple[i
     return pairs
 
 
+def _innermost(tree: list, depth: int = 0) -> set[tuple[str, int, int]]:
+    """The flattened entries (as ``_flatten`` gives them) of the loops with no loop inside."""
+    out = set()
+    for name, trips, *children in tree:
+        if not children:
+            out.add((name, trips, depth))
+        for child in children:
+            out |= _innermost(child, depth + 1)
+    return out
+
+
 def whole_kernel(sass: str, loops_expected: list) -> dict:
     """Warp-instructions of one program, loops weighted by their trip counts, and what they are made of."""
     instrs, spans = parse(sass)
     expected = _flatten(loops_expected)
-    pairs = match_loops(instrs, spans, expected)
+    pairs = match_loops(instrs, spans, expected, frozenset(_innermost(loops_expected)))
     weighted = collections.Counter()
     shared = hmma = 0.0
     for addr, opcode, _ in instrs:

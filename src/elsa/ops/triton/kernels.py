@@ -28,6 +28,7 @@ import triton.language as tl
 # A finite "minus infinity" for the running max: a -inf start would make exp(-inf - -inf) = nan when a
 # logit is itself -inf (a masked neighbour).
 _NEG_BIG = tl.constexpr(-1.0e30)
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -102,15 +103,17 @@ def _neighbour_weight(a, inside, m_ptrs, d_ptrs, HAS_MUL: tl.constexpr, HAS_ADD:
 
 @triton.jit
 def _softmax_stats(a_base, a_off, mask_p, stride_ak, KK: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Online max and sum of exp over the KK logits of each pixel of the tile: (max, sum), each (BLOCK_P,)."""
-    mx = tl.full([BLOCK_P], _NEG_BIG, tl.float32)
+    """Online base-2 log-sum-exp over the KK logits of each pixel of the tile, (BLOCK_P,): a probability is then
+    ``exp2(logit * LOG2E - lse2)``, one FMA and one ex2. (``tl.exp2`` is a bare MUFU.EX2 on sm_90; ``tl.exp``
+    adds a multiply and a denormal fix-up.)"""
+    mx2 = tl.full([BLOCK_P], _NEG_BIG, tl.float32)
     sm = tl.zeros([BLOCK_P], tl.float32)
     for k in range(KK):
-        x = tl.load(a_base + k * stride_ak + a_off, mask=mask_p, other=0.0).to(tl.float32)
-        new_mx = tl.maximum(mx, x)
-        sm = sm * tl.exp(mx - new_mx) + tl.exp(x - new_mx)
-        mx = new_mx
-    return mx, sm
+        x2 = tl.load(a_base + k * stride_ak + a_off, mask=mask_p, other=0.0).to(tl.float32) * LOG2E
+        new_mx2 = tl.maximum(mx2, x2)
+        sm = sm * tl.exp2(mx2 - new_mx2) + tl.exp2(x2 - new_mx2)
+        mx2 = new_mx2
+    return mx2 + tl.log2(sm)
 
 
 @triton.jit
@@ -138,8 +141,7 @@ def elsa_fwd_kernel(
     a_base = a_ptr + _sample(n, G, sa_b, K * K * sa_k)
     a_off = y * sa_h + x * sa_w
     if SOFTMAX:
-        mx, sm = _softmax_stats(a_base, a_off, mask_p, sa_k, K * K, BLOCK_P)
-        inv_sm = 1.0 / sm
+        lse2 = _softmax_stats(a_base, a_off, mask_p, sa_k, K * K, BLOCK_P)
 
     # Index arithmetic is hoisted out of the K*K loop by hand: the compiler would do it on a GPU, the CPU
     # interpreter (where the tests run) pays for every integer op.
@@ -164,7 +166,7 @@ def elsa_fwd_kernel(
             a = tl.load(a_ptrs, mask=mask_p, other=0.0).to(tl.float32)
             a_ptrs += sa_k
             if SOFTMAX:
-                a = tl.exp(a - mx) * inv_sm
+                a = tl.exp2(a * LOG2E - lse2)
             vv = tl.load(v_row + (_clamp(xx, W) * sv_w)[None, :]).to(tl.float32)
             acc += vv * _neighbour_weight(a, inside, m_row + j * sm_j, d_row + j * sd_j, HAS_MUL, HAS_ADD)
 
@@ -197,8 +199,8 @@ def elsa_bwd_attn_kernel(
     ga (B, G*K*K, Ho, Wo) is addressed through its strides. The float32 gm/gd buffers are (Bg, G, C, K*K)
     contiguous, Bg = B for per-sample ghosts (batch stride sgm_b = G*C*K*K) or 1 for shared ones (sgm_b = 0:
     every sample adds into its head's row). With SOFTMAX and WRITE_LSE, lse (N, Ho*Wo) float32 receives
-    max + log(sum exp) for the v-gradient kernel, and ga first holds dp, then is overwritten in place by the
-    logit gradient (the same program reads back what it wrote).
+    the base-2 log-sum-exp log2 sum 2^(logit * log2 e) for the v-gradient kernel, and ga first holds dp, then is
+    overwritten in place by the logit gradient (the same program reads back what it wrote).
     """
     n, pid_p = _split_pid(Ho * Wo, BLOCK_P)
     n = n.to(tl.int64)
@@ -220,10 +222,9 @@ def elsa_bwd_attn_kernel(
     ga_base = ga_ptr + _sample(n, G, sga_b, KK * sga_k) + y * sga_h + x * sga_w
     gmd_base = _sample(n, G, sgm_b, C * KK)
     if SOFTMAX:
-        mx, sm = _softmax_stats(a_base, a_off, mask_p, sa_k, KK, BLOCK_P)
-        inv_sm = 1.0 / sm
+        lse2 = _softmax_stats(a_base, a_off, mask_p, sa_k, KK, BLOCK_P)
         if WRITE_LSE:
-            tl.store(lse_ptr + n * Ho * Wo + offs_p, mx + tl.log(sm), mask=mask_p)
+            tl.store(lse_ptr + n * Ho * Wo + offs_p, lse2, mask=mask_p)
         pdp = tl.zeros([BLOCK_P], tl.float32)
 
     if NEED_ATTN or NEED_MUL or NEED_ADD:
@@ -245,7 +246,7 @@ def elsa_bwd_attn_kernel(
                 if NEED_MUL or (NEED_ATTN and SOFTMAX):
                     a = tl.load(a_ptrs, mask=mask_p, other=0.0).to(tl.float32)
                     if SOFTMAX:
-                        a = tl.exp(a - mx) * inv_sm
+                        a = tl.exp2(a * LOG2E - lse2)
                 a_ptrs += sa_k
                 dp = tl.zeros([BLOCK_P], tl.float32)
                 for c0 in range(0, C, BLOCK_C):
@@ -286,7 +287,7 @@ def elsa_bwd_attn_kernel(
         ga_ptrs = ga_base
         for k in range(KK):
             a = tl.load(a_ptrs, mask=mask_p, other=0.0).to(tl.float32)
-            a = tl.exp(a - mx) * inv_sm
+            a = tl.exp2(a * LOG2E - lse2)
             dp = tl.load(ga_ptrs, mask=mask_p, other=0.0).to(tl.float32)
             tl.store(ga_ptrs, (a * (dp - pdp)).to(ga_ptr.dtype.element_ty), mask=mask_p)
             a_ptrs += sa_k
@@ -349,7 +350,7 @@ def elsa_bwd_v_kernel(
                 ok = ok & (tx % STRIDE == 0)
             a = tl.load(a_row + j * sa_k + qx * sa_w, mask=ok, other=0.0).to(tl.float32)
             if SOFTMAX:
-                a = tl.exp(a - tl.load(lse_row + qx, mask=ok, other=0.0))
+                a = tl.exp2(a * LOG2E - tl.load(lse_row + qx, mask=ok, other=0.0))
             # As in the forward: g is read unmasked at the clamped position and the weight is zeroed per pixel.
             gg = tl.load(g_row + (_clamp(qx, Wo) * sg_w)[None, :]).to(tl.float32)
             acc += gg * _neighbour_weight(a, ok, m_row + j * sm_j, d_row + j * sd_j, HAS_MUL, HAS_ADD)

@@ -36,10 +36,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import _sample
+from .kernels import LOG2E, _sample
 
 _NEG_BIG = tl.constexpr(-1.0e30)
-LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
