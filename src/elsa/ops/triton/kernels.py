@@ -102,17 +102,38 @@ def _neighbour_weight(a, inside, m_ptrs, d_ptrs, HAS_MUL: tl.constexpr, HAS_ADD:
 
 
 @triton.jit
-def _softmax_stats(a_base, a_off, mask_p, stride_ak, KK: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Online base-2 log-sum-exp over the KK logits of each pixel of the tile, (BLOCK_P,): a probability is then
-    ``exp2(logit * LOG2E - lse2)``, one FMA and one ex2. (``tl.exp2`` is a bare MUFU.EX2 on sm_90; ``tl.exp``
-    adds a multiply and a denormal fix-up.)"""
-    mx2 = tl.full([BLOCK_P], _NEG_BIG, tl.float32)
-    sm = tl.zeros([BLOCK_P], tl.float32)
-    for k in range(KK):
-        x2 = tl.load(a_base + k * stride_ak + a_off, mask=mask_p, other=0.0).to(tl.float32) * LOG2E
-        new_mx2 = tl.maximum(mx2, x2)
-        sm = sm * tl.exp2(mx2 - new_mx2) + tl.exp2(x2 - new_mx2)
-        mx2 = new_mx2
+def _log2_sum_exp(a_base, off, inside, sa_k, K: tl.constexpr, ROW_LOOP: tl.constexpr):
+    """log2 sum_k 2^(logit_k * log2 e) over the K*K logits of each pixel (logit k at a_base + k * sa_k + off,
+    any shape of pixels): the base-2 log-sum-exp, so that a probability is one FFMA and one ex2,
+    ``exp2(logit * LOG2E - lse2)``. Used by these kernels and the tensor-core ones (kernels_tc.py).
+
+    ``tl.exp2`` is a bare MUFU.EX2 on sm_90 where ``tl.exp`` adds a denormal fix-up around it. Every logit loads
+    at a constant offset and costs a max, an FFMA, an ex2 and an add. Without ROW_LOOP it is unrolled whole, in
+    two passes (max, then sum). With it, a loop runs over the K neighbour rows, each unrolled, with an online
+    rescaling (one more ex2 per row): for a tensor-core tile of fewer pixels than threads, where the unrolled
+    form lets the compiler lay the statistics out as the products want them and repeat each pixel in up to
+    eight threads."""
+    mx2 = tl.full(off.shape, _NEG_BIG, tl.float32)
+    sm = tl.zeros(off.shape, tl.float32)
+    if ROW_LOOP:
+        for i in range(K):
+            row_mx = tl.full(off.shape, _NEG_BIG, tl.float32)
+            for j in tl.static_range(K):
+                lg = tl.load(a_base + (i * K + j) * sa_k + off, mask=inside, other=0.0).to(tl.float32)
+                row_mx = tl.maximum(row_mx, lg)
+            new_mx2 = tl.maximum(mx2, row_mx * LOG2E)
+            sm = sm * tl.exp2(mx2 - new_mx2)
+            for j in tl.static_range(K):
+                lg = tl.load(a_base + (i * K + j) * sa_k + off, mask=inside, other=0.0).to(tl.float32)
+                sm += tl.exp2(lg * LOG2E - new_mx2)
+            mx2 = new_mx2
+    else:
+        for k in tl.static_range(K * K):
+            mx2 = tl.maximum(mx2, tl.load(a_base + k * sa_k + off, mask=inside, other=0.0).to(tl.float32))
+        mx2 = mx2 * LOG2E
+        for k in tl.static_range(K * K):
+            lg = tl.load(a_base + k * sa_k + off, mask=inside, other=0.0).to(tl.float32)
+            sm += tl.exp2(lg * LOG2E - mx2)
     return mx2 + tl.log2(sm)
 
 
@@ -141,7 +162,7 @@ def elsa_fwd_kernel(
     a_base = a_ptr + _sample(n, G, sa_b, K * K * sa_k)
     a_off = y * sa_h + x * sa_w
     if SOFTMAX:
-        lse2 = _softmax_stats(a_base, a_off, mask_p, sa_k, K * K, BLOCK_P)
+        lse2 = _log2_sum_exp(a_base, a_off, mask_p, sa_k, K, False)
 
     # Index arithmetic is hoisted out of the K*K loop by hand: the compiler would do it on a GPU, the CPU
     # interpreter (where the tests run) pays for every integer op.
@@ -222,7 +243,7 @@ def elsa_bwd_attn_kernel(
     ga_base = ga_ptr + _sample(n, G, sga_b, KK * sga_k) + y * sga_h + x * sga_w
     gmd_base = _sample(n, G, sgm_b, C * KK)
     if SOFTMAX:
-        lse2 = _softmax_stats(a_base, a_off, mask_p, sa_k, KK, BLOCK_P)
+        lse2 = _log2_sum_exp(a_base, a_off, mask_p, sa_k, K, False)
         if WRITE_LSE:
             tl.store(lse_ptr + n * Ho * Wo + offs_p, lse2, mask=mask_p)
         pdp = tl.zeros([BLOCK_P], tl.float32)

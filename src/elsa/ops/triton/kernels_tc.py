@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import LOG2E, _sample
+from .kernels import LOG2E, _log2_sum_exp, _sample
 
 _NEG_BIG = tl.constexpr(-1.0e30)
 
@@ -90,41 +90,6 @@ def _window_columns(x0, W, VEC: tl.constexpr, SPAN: tl.constexpr, PAD: tl.conste
         return xs, (chunk >= 0) & (chunk < W)
     else:
         return xs, (xs >= 0) & (xs < W)
-
-
-@triton.jit
-def _pixel_log2_sum_exp(a_base, sa_k, sa_h, sa_w, y, x, inside, K: tl.constexpr, ROW_LOOP: tl.constexpr):
-    """log2 sum_k 2^(logit_k * log2 e) over the K*K logits of each pixel of the tile (shape of ``y + x``): the
-    base-2 log-sum-exp, so that a probability is one FFMA and one ex2, ``exp2(logit * LOG2E - lse2)``.
-
-    ``tl.exp2`` is a bare MUFU.EX2 on sm_90 where ``tl.exp`` adds a denormal fix-up around it. Every logit loads
-    at a constant offset and costs a max, an FFMA, an ex2 and an add. Without ROW_LOOP it is unrolled whole, in
-    two passes (max, then sum). With it, a loop runs over the K neighbour rows, each unrolled, with an online
-    rescaling (one more ex2 per row): for a tile of fewer pixels than threads, where the unrolled form lets the
-    compiler lay the statistics out as the products want them and repeat each pixel in up to eight threads."""
-    off = y * sa_h + x * sa_w
-    mx2 = tl.full(off.shape, _NEG_BIG, tl.float32)
-    sm = tl.zeros(off.shape, tl.float32)
-    if ROW_LOOP:
-        for i in range(K):
-            row_mx = tl.full(off.shape, _NEG_BIG, tl.float32)
-            for j in tl.static_range(K):
-                lg = tl.load(a_base + (i * K + j) * sa_k + off, mask=inside, other=0.0).to(tl.float32)
-                row_mx = tl.maximum(row_mx, lg)
-            new_mx2 = tl.maximum(mx2, row_mx * LOG2E)
-            sm = sm * tl.exp2(mx2 - new_mx2)
-            for j in tl.static_range(K):
-                lg = tl.load(a_base + (i * K + j) * sa_k + off, mask=inside, other=0.0).to(tl.float32)
-                sm += tl.exp2(lg * LOG2E - new_mx2)
-            mx2 = new_mx2
-    else:
-        for k in tl.static_range(K * K):
-            mx2 = tl.maximum(mx2, tl.load(a_base + k * sa_k + off, mask=inside, other=0.0).to(tl.float32))
-        mx2 = mx2 * LOG2E
-        for k in tl.static_range(K * K):
-            lg = tl.load(a_base + k * sa_k + off, mask=inside, other=0.0).to(tl.float32)
-            sm += tl.exp2(lg * LOG2E - mx2)
-    return mx2 + tl.log2(sm)
 
 
 @triton.jit
@@ -196,7 +161,7 @@ def elsa_band_kernel(
     j_t = tl.permute(j, (0, 2, 1))  # (1, SPAN, TILE_W)
 
     if SOFTMAX and not TRANSPOSED:
-        lse2 = _pixel_log2_sum_exp(a_base, sa_k, sa_h, sa_w, y[:, None], x[None, :], in_p, K, True)
+        lse2 = _log2_sum_exp(a_base, y[:, None] * sa_h + x[None, :] * sa_w, in_p, sa_k, K, True)
 
     acc = tl.zeros([TILE_H, TILE_W, BLOCK_C], tl.float32)
     if HAS_ADD:
@@ -309,7 +274,7 @@ def elsa_band_bwd_attn_kernel(
     else:
         dp_base = ga_ptr + pix
     if SOFTMAX:
-        lse2 = _pixel_log2_sum_exp(a_base, sa_k, sa_h, sa_w, y[:, None], x[None, :], in_p, K, False)
+        lse2 = _log2_sum_exp(a_base, y[:, None] * sa_h + x[None, :] * sa_w, in_p, sa_k, K, False)
         if WRITE_LSE:
             tl.store(lse_ptr + n * H * W + (y * W)[:, None] + x[None, :], lse2, mask=in_p)
         pdp = tl.zeros([TILE_H, TILE_W], tl.float32)
