@@ -82,6 +82,14 @@ def seg_ckpt(ade, tmp_path_factory):
     return out / "latest.pth"
 
 
+def earlier_run(checkpoint: Path, run_dir: Path) -> bytes:
+    """A run folder holding a copy of ``checkpoint`` under its own name, as an earlier run left it: its bytes."""
+    run_dir.mkdir()
+    data = checkpoint.read_bytes()
+    (run_dir / checkpoint.name).write_bytes(data)
+    return data
+
+
 def bad_files(folder: Path, good: Path):
     """Checkpoint files no command may load: name -> path. ``evil`` would create folder/PWNED if unpickled."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -231,9 +239,7 @@ def test_bad_checkpoints_name_the_file(det_run, seg_ckpt, coco, ade, tmp_path, c
 def test_resume_from_another_model_says_which_and_keeps_the_file(det_run, coco, tmp_path, capsys):
     recipe, out = det_run
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "last.pth").write_bytes((out / "last.pth").read_bytes())
-    before = (run_dir / "last.pth").read_bytes()
+    before = earlier_run(out / "last.pth", run_dir)
     cascade = tiny_recipe_file(tmp_path, "cascade_mask_rcnn_tiny_test")
     rc, _, err = run(capsys, "det", "train", "--recipe", cascade, "--data", coco, "--output", run_dir, "--resume",
                      "--iters", "2", "--no-eval", "--no-progress")
@@ -404,9 +410,7 @@ def test_seg_recipes_lists_the_official_settings(capsys):
 def test_a_second_det_train_never_overwrites_the_first(det_run, coco, tmp_path, capsys):
     recipe, first = det_run
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "last.pth").write_bytes((first / "last.pth").read_bytes())
-    before = (out / "last.pth").read_bytes()
+    before = earlier_run(first / "last.pth", out)
     argv = ["det", "train", "--recipe", recipe, "--data", coco, "--output", out, "--iters", "1", "--batch-size", "2",
             "--no-eval", "--no-progress"]
     rc, _, err = run(capsys, *argv)
@@ -421,9 +425,7 @@ def test_a_second_det_train_never_overwrites_the_first(det_run, coco, tmp_path, 
 
 def test_a_second_seg_train_never_overwrites_the_first(seg_ckpt, ade, tmp_path, capsys):
     out = tmp_path / "seg"
-    out.mkdir()
-    (out / "latest.pth").write_bytes(seg_ckpt.read_bytes())
-    before = (out / "latest.pth").read_bytes()
+    before = earlier_run(seg_ckpt, out)
     rc, _, err = run(capsys, "seg", "train", *SEG, "--data", ade, "--output", out, "--iters", "1", "--batch-size",
                      "2", "--workers", "0", "--eval-interval", "0")
     assert rc == 0, err
